@@ -1,0 +1,189 @@
+"""Typed configuration: dataclasses registered in Hydra's ConfigStore, and validation before anything heavy is built.
+
+`validate(cfg)` merges the composed config into the schema and checks values; every problem becomes a one-line
+ConfigError naming the key and what is allowed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .exact_task import ExactTaskConfig, TinyModelConfig
+
+ALGORITHMS = ("caid", "one_shot", "fixed_lambda")
+POLICY_STEPS = ("dpo", "exact")
+LABELS = ("soft", "hard")
+THRESHOLD_TYPES = ("improvement", "absolute")
+DUAL_ESTIMATORS = ("rollout", "exact")
+SCHEDULES = ("constant", "cosine")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; str() is one line naming the key."""
+
+
+@dataclass
+class ConstraintConfig:
+    scorer: str = MISSING  # a scorer name the task provides (the exact task: utility_0, utility_1, ...)
+    threshold: float = MISSING  # b: required improvement over pi_ref, or tau: absolute level of E[g] (threshold_type)
+    threshold_type: str = "improvement"
+    negate: bool = False  # the utility is minus the score (safety = - cost)
+    initial_multiplier: Optional[float] = None  # None: caid warm-starts at the one-shot lambda*, fixed_lambda uses 0
+    step_size: float = 1.0  # eta of the projected dual step
+
+
+@dataclass
+class RewardConfig:
+    scorer: str = "reward"
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "caid"
+    iterations: int = 4  # T dual iterations (one_shot and fixed_lambda: policy trained iterations * epochs epochs, once)
+    epochs_per_iteration: int = 1  # E
+    dual_prompts: int = 16  # Q prompts for the on-policy dual step
+    dual_samples: int = 64  # K responses per prompt for the dual step
+    dual_estimator: str = "rollout"  # rollout (the method) or exact (enumeration; exact task only)
+    max_multiplier: Optional[float] = None
+    compare_one_shot: bool = True  # caid: also train one_shot on the same instance and report it beside
+
+
+@dataclass
+class PolicyStepConfig:
+    name: str = "dpo"
+    labels: str = "soft"  # soft: expected loss under p; hard: Bernoulli(p) labels, re-drawn for every lambda
+    batch_size: int = 64  # pairs per step (dpo) or prompts per step (exact)
+    steps_per_epoch: int = 50  # exact only: full-batch steps in one epoch
+
+
+@dataclass
+class ReferenceConfig:
+    samples_per_prompt: int = 128  # pi_ref rollouts per prompt: DPO pairs, E_ref[g] and the one-shot dual
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1.0e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "constant"
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "cpu"
+    devices: int = 1
+    precision: str = "32-true"
+    log_every_n_steps: int = 5
+    gradient_clip_val: Optional[float] = 1.0
+    enable_progress_bar: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    enabled: bool = True
+    tracking_uri: str = "sqlite:///outputs/mlflow.db"
+    experiment_name: str = "dualign"
+    run_name: Optional[str] = None
+
+
+@dataclass
+class PathsConfig:
+    output_dir: str = "outputs/run"
+    cache_dir: str = "outputs/cache"
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    beta: float = 1.0
+    data: ExactTaskConfig = field(default_factory=ExactTaskConfig)
+    model: TinyModelConfig = field(default_factory=TinyModelConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    constraints: dict[str, ConstraintConfig] = field(default_factory=dict)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    policy_step: PolicyStepConfig = field(default_factory=PolicyStepConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    ckpt_path: Optional[str] = None  # resume from this Lightning checkpoint ("last": the run folder's last.ckpt)
+
+
+ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+def _one_line(error: OmegaConfBaseException) -> str:
+    message = str(getattr(error, "msg", None) or error).splitlines()[0].strip()
+    key = getattr(error, "full_key", None)
+    return f"{key}: {message}" if key else message
+
+
+def _choice(key: str, value: Any, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; allowed values: {', '.join(map(str, allowed))}")
+
+
+def _positive(key: str, value, strict: bool = True) -> None:
+    if value is None or (value <= 0 if strict else value < 0):
+        raise ConfigError(f"{key}={value!r} must be {'>' if strict else '>='} 0")
+
+
+def validate(cfg: DictConfig | dict, scorer_names: tuple[str, ...] | None = None) -> TrainConfig:
+    """The typed config, or a ConfigError naming the first bad key. scorer_names: what the task provides."""
+    schema = OmegaConf.structured(TrainConfig)
+    try:
+        merged = OmegaConf.merge(schema, OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)) if isinstance(cfg, DictConfig) else cfg)
+        OmegaConf.to_container(merged, throw_on_missing=True)
+    except OmegaConfBaseException as error:
+        raise ConfigError(_one_line(error)) from None
+    typed: TrainConfig = OmegaConf.to_object(merged)
+
+    _positive("beta", typed.beta)
+    _choice("algorithm.name", typed.algorithm.name, ALGORITHMS)
+    _choice("policy_step.name", typed.policy_step.name, POLICY_STEPS)
+    _choice("policy_step.labels", typed.policy_step.labels, LABELS)
+    _choice("algorithm.dual_estimator", typed.algorithm.dual_estimator, DUAL_ESTIMATORS)
+    _choice("optimizer.schedule", typed.optimizer.schedule, SCHEDULES)
+    for key in ("iterations", "epochs_per_iteration", "dual_prompts", "dual_samples"):
+        _positive(f"algorithm.{key}", getattr(typed.algorithm, key))
+    for key in ("batch_size", "steps_per_epoch"):
+        _positive(f"policy_step.{key}", getattr(typed.policy_step, key))
+    _positive("optimizer.lr", typed.optimizer.lr)
+    _positive("optimizer.warmup_steps", typed.optimizer.warmup_steps, strict=False)
+    _positive("reference.samples_per_prompt", typed.reference.samples_per_prompt)
+    if typed.reference.samples_per_prompt % 2:
+        raise ConfigError(f"reference.samples_per_prompt={typed.reference.samples_per_prompt} must be even (responses are paired)")
+    if typed.algorithm.name in ("caid", "one_shot") and not typed.constraints:
+        raise ConfigError(f"constraints is empty; algorithm.name={typed.algorithm.name} needs at least one constraint")
+    if typed.algorithm.max_multiplier is not None:
+        _positive("algorithm.max_multiplier", typed.algorithm.max_multiplier)
+    if typed.data.num_response_tokens < 2 or typed.data.response_length < 1 or typed.data.num_prompts < 1:
+        raise ConfigError("data: need num_prompts >= 1, num_response_tokens >= 2 and response_length >= 1")
+    if typed.algorithm.dual_prompts > typed.data.num_prompts:
+        raise ConfigError(
+            f"algorithm.dual_prompts={typed.algorithm.dual_prompts} exceeds data.num_prompts={typed.data.num_prompts}"
+        )
+    if scorer_names is not None:
+        _choice("reward.scorer", typed.reward.scorer, scorer_names)
+    for name, constraint in typed.constraints.items():
+        key = f"constraints.{name}"
+        if scorer_names is not None:
+            _choice(f"{key}.scorer", constraint.scorer, scorer_names)
+        _choice(f"{key}.threshold_type", constraint.threshold_type, THRESHOLD_TYPES)
+        _positive(f"{key}.step_size", constraint.step_size)
+        if constraint.initial_multiplier is not None:
+            _positive(f"{key}.initial_multiplier", constraint.initial_multiplier, strict=False)
+    return typed
+
+
+def exact_scorer_names(data: ExactTaskConfig) -> tuple[str, ...]:
+    return ("reward",) + tuple(f"utility_{i}" for i in range(data.num_utilities))

@@ -1,0 +1,109 @@
+"""Training data for the policy steps: preference pairs with fixed reference log-probabilities, and prompt batches
+for the exact step. Tensors are indexed a whole batch at a time (`__getitems__`); shuffling is seeded per epoch so a
+resumed run sees the same order as an uninterrupted one."""
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .dpo import response_logprobs
+
+
+class TensorBatches(Dataset):
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        sizes = {t.shape[0] for t in tensors.values()}
+        assert len(sizes) == 1, f"tensors disagree on length: {sizes}"
+        self.tensors, self.size = tensors, sizes.pop()
+
+    def __len__(self):
+        return self.size
+
+    def __getitems__(self, indices):
+        index = torch.as_tensor(indices)
+        return {key: value[index] for key, value in self.tensors.items()}
+
+    def __getitem__(self, i):
+        return self.__getitems__([i])
+
+
+class EpochShuffle(Sampler):
+    def __init__(self, size: int, seed: int, shuffle: bool = True):
+        self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls this before every epoch
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.size
+
+    def __iter__(self):
+        if not self.shuffle:
+            return iter(range(self.size))
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+
+def loader(dataset: TensorBatches, batch_size: int, seed: int, shuffle: bool = True) -> DataLoader:
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=EpochShuffle(len(dataset), seed, shuffle), collate_fn=lambda batch: batch
+    )
+
+
+def pad_right(sequences: list[list[int]], pad_id: int) -> torch.Tensor:
+    width = max(len(s) for s in sequences)
+    return torch.tensor([s + [pad_id] * (width - len(s)) for s in sequences])
+
+
+@torch.no_grad()
+def sequence_logprobs(model, input_ids, attention_mask, response_mask, allowed_token_ids=None, batch_size=1024) -> torch.Tensor:
+    """Response log-probabilities of many sequences under a frozen model, in batches, [B]."""
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, input_ids.shape[0], batch_size):
+        part = slice(start, start + batch_size)
+        logits = model(input_ids=input_ids[part].to(device), attention_mask=attention_mask[part].to(device)).logits
+        out.append(response_logprobs(logits, input_ids[part].to(device), response_mask[part].to(device), allowed_token_ids).cpu())
+    return torch.cat(out)
+
+
+def preference_pairs(
+    prompt_ids: list[list[int]],
+    rollouts,
+    scores: torch.Tensor,
+    reference,
+    pad_id: int,
+    num_iterations: int,
+    seed: int,
+    allowed_token_ids: torch.Tensor | None = None,
+) -> TensorBatches:
+    """Pairs (y0, y1) = consecutive rollouts of the same prompt, with their scores ([1 + m, n]: reward first) and
+    reference log-probabilities computed once here and reused by every iteration and epoch."""
+    n = len(rollouts.response_ids)
+    first, second = torch.arange(0, n, 2), torch.arange(1, n, 2)
+    if not torch.equal(rollouts.prompt_index[first], rollouts.prompt_index[second]):
+        raise ValueError("rollouts must hold an even number of responses per prompt to be paired")
+    sequences = [prompt_ids[p] + r for p, r in zip(rollouts.prompt_index.tolist(), rollouts.response_ids)]
+    lengths = torch.tensor([len(prompt_ids[p]) for p in rollouts.prompt_index.tolist()])
+    input_ids = pad_right(sequences, pad_id)
+    attention_mask = pad_right([[1] * len(s) for s in sequences], 0)
+    positions = torch.arange(input_ids.shape[1]).unsqueeze(0)
+    response_mask = ((positions >= lengths.unsqueeze(1)) & attention_mask.bool()).long()
+    ref_logps = sequence_logprobs(reference, input_ids, attention_mask, response_mask, allowed_token_ids)
+    pair = lambda t: torch.stack([t[first], t[second]], dim=1)  # noqa: E731
+    generator = torch.Generator().manual_seed(50_000 + seed)
+    return TensorBatches(
+        {
+            "input_ids": pair(input_ids),
+            "attention_mask": pair(attention_mask),
+            "response_mask": pair(response_mask),
+            "ref_logps": pair(ref_logps),
+            "reward": pair(scores[0]),
+            "utility": torch.stack([scores[1:, first], scores[1:, second]], dim=2).transpose(0, 1),
+            "label_uniform": torch.rand(len(first), num_iterations, generator=generator),
+        }
+    )
+
+
+def prompt_batches(num_prompts: int, steps_per_epoch: int) -> TensorBatches:
+    """For the exact step: steps_per_epoch passes over all prompts (one full batch each with batch_size=num_prompts)."""
+    return TensorBatches({"prompt_index": torch.arange(num_prompts).repeat(steps_per_epoch)})

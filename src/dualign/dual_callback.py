@@ -1,0 +1,88 @@
+"""The dual-variable callback: after every E epochs (one CAID iteration) it measures the constraints on-policy and,
+when asked to, takes the projected dual step on the module's multipliers. It owns the iteration index and the
+history, and checkpoints them with the reference statistics."""
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import lightning as L
+import torch
+
+from .duality import projected_dual_step
+
+
+class ConstraintEstimator(Protocol):
+    def __call__(self, policy, iteration: int) -> tuple[torch.Tensor, int]:
+        """(sum over measured responses of each utility [m], number of responses)."""
+
+
+class DualUpdate(L.Callback):
+    def __init__(
+        self,
+        estimator: ConstraintEstimator,
+        names: list[str],
+        reference_mean: torch.Tensor,
+        threshold: torch.Tensor,
+        step_size: torch.Tensor,
+        epochs_per_iteration: int,
+        update: bool = True,
+        max_multiplier: float | None = None,
+        evaluator: Callable[[torch.nn.Module], dict] | None = None,
+    ):
+        self.estimator, self.names, self.update = estimator, names, update
+        self.reference_mean = torch.as_tensor(reference_mean, dtype=torch.float32)
+        self.threshold = torch.as_tensor(threshold, dtype=torch.float32)
+        self.step_size = torch.as_tensor(step_size, dtype=torch.float32)
+        self.epochs_per_iteration, self.max_multiplier, self.evaluator = epochs_per_iteration, max_multiplier, evaluator
+        self.iteration = 0
+        self.history: list[dict] = []
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if (trainer.current_epoch + 1) % self.epochs_per_iteration:
+            return
+        total, count = self.estimator(module.policy, self.iteration)
+        # sums and counts, reduced across ranks, so every rank takes the same step
+        total = trainer.strategy.reduce(total.to(module.device), reduce_op="sum").cpu()
+        count = trainer.strategy.reduce(torch.tensor(float(count), device=module.device), reduce_op="sum").cpu()
+        utility_mean = total / count
+        improvement = utility_mean - self.reference_mean
+        slack = improvement - self.threshold
+        used = module.multipliers.detach().cpu().clone()
+        if self.update:
+            updated = projected_dual_step(used, slack, self.step_size, self.max_multiplier)
+            if not torch.isfinite(updated).all():
+                raise FloatingPointError(f"multipliers became {updated.tolist()} at iteration {self.iteration + 1}")
+            module.multipliers.copy_(updated.to(module.multipliers))
+        record = {
+            "iteration": self.iteration + 1,
+            "multipliers_used": used.tolist(),
+            "estimated_improvement": improvement.tolist(),
+            "estimated_slack": slack.tolist(),
+            "multipliers": module.multipliers.detach().cpu().tolist(),
+        }
+        if self.evaluator is not None:
+            record["exact"] = self.evaluator(module.policy)
+        self.history.append(record)
+        self.iteration += 1
+        metrics = {}
+        for i, name in enumerate(self.names):
+            metrics[f"dual/lambda_{name}"] = record["multipliers"][i]
+            metrics[f"dual/improvement_{name}"] = record["estimated_improvement"][i]
+            metrics[f"dual/slack_{name}"] = record["estimated_slack"][i]
+        for key, value in record.get("exact", {}).items():
+            if isinstance(value, (int, float)):
+                metrics[f"exact/{key}"] = value
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=self.iteration)
+
+    def state_dict(self) -> dict:
+        return {
+            "iteration": self.iteration,
+            "history": self.history,
+            "reference_mean": self.reference_mean,
+            "threshold": self.threshold,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.iteration, self.history = state["iteration"], list(state["history"])
+        self.reference_mean, self.threshold = state["reference_mean"], state["threshold"]

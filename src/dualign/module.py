@@ -1,0 +1,51 @@
+"""The LightningModule: policy + Lagrangian loss. It holds the multipliers as a buffer (so they are in every
+checkpoint and identical on every rank); the DualUpdate callback decides when and how they change."""
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+
+from .config import OptimizerConfig
+
+
+class AlignmentModule(L.LightningModule):
+    def __init__(self, policy, policy_step, multipliers: torch.Tensor, optimizer: OptimizerConfig, epochs_per_iteration: int):
+        super().__init__()
+        self.policy = policy
+        self.policy_step = policy_step
+        self.optimizer_cfg = optimizer
+        self.epochs_per_iteration = epochs_per_iteration
+        self.register_buffer("multipliers", torch.as_tensor(multipliers, dtype=torch.float32).clone())
+
+    @property
+    def iteration(self) -> int:
+        return self.current_epoch // self.epochs_per_iteration
+
+    def training_step(self, batch, batch_idx):
+        loss, metrics = self.policy_step(self.policy, batch, self.multipliers, self.iteration)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {self.global_step}, batch {batch_idx}")
+        size = next(iter(batch.values())).shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log_dict({f"train/{k}": v for k, v in metrics.items()}, batch_size=size)
+        return loss
+
+    def configure_optimizers(self):
+        cfg = self.optimizer_cfg
+        optimizer = torch.optim.AdamW(
+            [p for p in self.policy.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
+        )
+        total = max(1, self.trainer.estimated_stepping_batches)
+
+        def factor(step):
+            if step < cfg.warmup_steps:
+                return (step + 1) / cfg.warmup_steps
+            if cfg.schedule == "cosine":
+                progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+                return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+            return 1.0
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

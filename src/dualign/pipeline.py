@@ -1,0 +1,252 @@
+"""One training run: build the task, pi_ref, the reference rollouts and the one-shot dual solution, then train the
+policy with the configured algorithm, evaluate exactly and write the run's files. `train.py` only calls `run`."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from . import report
+from .config import TrainConfig, exact_scorer_names, validate
+from .data import loader, preference_pairs, prompt_batches
+from .dual_callback import DualUpdate
+from .duality import solve_dual
+from .exact_task import ExactTask, reference_policy
+from .module import AlignmentModule
+from .oracle import ExactOracle, Instance
+from .policy_steps import DPOStep, ExactStep
+from .rollout import sample_responses
+from .scorers import Negated, score_all
+
+log = logging.getLogger("dualign")
+
+
+@dataclass
+class Setup:
+    """Everything the algorithms share on one instance."""
+
+    cfg: TrainConfig
+    task: ExactTask
+    reference: torch.nn.Module
+    reward_scorer: object
+    constraint_scorers: list
+    names: list[str]
+    reference_mean: torch.Tensor  # E_ref[g_i] estimated from the reference rollouts
+    threshold: torch.Tensor  # b_i, required improvements
+    one_shot: torch.Tensor  # plug-in lambda* from the reference rollouts
+    pairs: object  # preference pairs from pi_ref with cached reference log-probabilities
+    oracle: ExactOracle
+
+
+def build(cfg: TrainConfig) -> Setup:
+    task = ExactTask(cfg.data)
+    reference = reference_policy(task, cfg.model, cfg.paths.cache_dir)
+    scorers = task.scorers()
+    names = list(cfg.constraints)
+    constraint_scorers = [
+        Negated(scorers[c.scorer]) if c.negate else scorers[c.scorer] for c in cfg.constraints.values()
+    ]
+    reward_scorer = scorers[cfg.reward.scorer]
+
+    # pi_ref rollouts: DPO pairs, E_ref[g] and the one-shot plug-in dual all come from these samples
+    samples = cfg.reference.samples_per_prompt
+    rollouts = sample_responses(
+        reference, task.tokenizer, task.prompts, task.prompt_token_ids, samples, task.cfg.response_length,
+        seed=cfg.seed, temperature=cfg.reference.temperature, top_p=cfg.reference.top_p,
+        min_new_tokens=task.cfg.response_length, allowed_token_ids=task.allowed_token_ids,
+    )
+    scores = score_all([reward_scorer, *constraint_scorers], rollouts.prompts, rollouts.responses)
+    P = len(task.prompts)
+    reward, utility = scores[0].view(P, samples), scores[1:].view(len(names), P, samples)
+    reference_mean = utility.mean(dim=(1, 2))
+    threshold = torch.tensor(
+        [c.threshold if c.threshold_type == "improvement" else c.threshold - reference_mean[i].item()
+         for i, c in enumerate(cfg.constraints.values())]
+    )
+    one_shot = solve_dual(reward, utility, reference_mean, threshold, cfg.beta).multipliers.float()
+    pairs = preference_pairs(
+        task.prompt_token_ids, rollouts, scores, reference, task.tokenizer.pad_token_id,
+        num_iterations=cfg.algorithm.iterations, seed=cfg.seed, allowed_token_ids=task.allowed_token_ids,
+    )
+
+    # the exact instance: every response of every prompt, scored by the same scorers
+    all_prompts = [p for p in task.prompts for _ in task.responses]
+    all_scores = score_all([reward_scorer, *constraint_scorers], all_prompts, task.responses * P).view(-1, P, task.num_responses)
+    with torch.no_grad():
+        ref_logprob = task.enumerate_logprobs(reference)
+    exact_reference_mean = (ref_logprob.exp() * all_scores[1:]).sum(-1).mean(-1)
+    exact_threshold = torch.tensor(
+        [c.threshold if c.threshold_type == "improvement" else c.threshold - exact_reference_mean[i].item()
+         for i, c in enumerate(cfg.constraints.values())]
+    )
+    instance = Instance(ref_logprob, all_scores[0], all_scores[1:], cfg.beta, exact_threshold)
+    return Setup(cfg, task, reference, reward_scorer, constraint_scorers, names, reference_mean, threshold,
+                 one_shot, pairs, ExactOracle(instance))
+
+
+def _rollout_estimator(setup: Setup):
+    cfg, task = setup.cfg, setup.task
+
+    def estimate(policy, iteration):
+        generator = torch.Generator().manual_seed(60_000 + 1_000 * cfg.seed + iteration)
+        chosen = torch.randperm(len(task.prompts), generator=generator)[: cfg.algorithm.dual_prompts].tolist()
+        rollouts = sample_responses(
+            policy, task.tokenizer, [task.prompts[i] for i in chosen], [task.prompt_token_ids[i] for i in chosen],
+            cfg.algorithm.dual_samples, task.cfg.response_length, seed=70_000 + 1_000 * cfg.seed + iteration,
+            min_new_tokens=task.cfg.response_length, allowed_token_ids=task.allowed_token_ids,
+        )
+        utility = score_all(setup.constraint_scorers, rollouts.prompts, rollouts.responses)
+        return utility.sum(-1), utility.shape[-1]
+
+    return estimate
+
+
+def _exact_estimator(setup: Setup):
+    instance = setup.oracle.instance
+
+    def estimate(policy, iteration):
+        with torch.no_grad():
+            prob = setup.task.enumerate_logprobs(policy).double().exp()
+        mean = (prob * instance.utility).sum(-1).mean(-1)  # exact E_pi[g], weight 1 per prompt
+        # reported as the sample-mean of an equivalent count so ranks can still reduce sums and counts
+        return (mean * prob.shape[0]).float(), prob.shape[0]
+
+    return estimate
+
+
+def _exact_evaluator(setup: Setup):
+    def evaluate(policy):
+        with torch.no_grad():
+            return setup.oracle.evaluate(setup.task.enumerate_logprobs(policy))
+
+    return evaluate
+
+
+def train_policy(setup: Setup, multipliers: torch.Tensor, update: bool, iterations: int, epochs: int,
+                 output_dir: Path, logger=None, ckpt_path: str | None = None):
+    """Train a fresh copy of pi_ref for iterations * epochs epochs, with a dual step after every iteration if
+    `update`. Returns the trained policy and the DualUpdate callback (its history is the lambda trajectory)."""
+    cfg, task = setup.cfg, setup.task
+    policy = type(setup.reference)(setup.reference.config)
+    policy.load_state_dict(setup.reference.state_dict())
+    policy.train()
+    if cfg.policy_step.name == "dpo":
+        step = DPOStep(cfg.beta, cfg.policy_step.labels, task.allowed_token_ids)
+        data = loader(setup.pairs, cfg.policy_step.batch_size, cfg.seed)
+    else:
+        instance = setup.oracle.instance
+        step = ExactStep(task, cfg.beta, instance.reward, instance.utility, instance.ref_logprob)
+        data = loader(prompt_batches(len(task.prompts), cfg.policy_step.steps_per_epoch),
+                      min(cfg.policy_step.batch_size, len(task.prompts)), cfg.seed)
+    if cfg.algorithm.dual_estimator == "exact":  # exact E_pi[g] against the exact E_ref[g]
+        estimator, reference_mean = _exact_estimator(setup), setup.oracle.instance.reference_mean
+        threshold = setup.oracle.instance.threshold
+    else:
+        estimator, reference_mean, threshold = _rollout_estimator(setup), setup.reference_mean, setup.threshold
+    dual = DualUpdate(
+        estimator, setup.names, reference_mean, threshold,
+        torch.tensor([c.step_size for c in cfg.constraints.values()]), epochs,
+        update=update, max_multiplier=cfg.algorithm.max_multiplier, evaluator=_exact_evaluator(setup),
+    )
+    module = AlignmentModule(policy, step, multipliers, cfg.optimizer, epochs)
+    callbacks = [dual]
+    if logger is not None:
+        callbacks.append(L.pytorch.callbacks.ModelCheckpoint(
+            dirpath=output_dir / "checkpoints", save_last=True, save_top_k=0, every_n_epochs=1,
+            save_on_train_epoch_end=True,
+        ))
+    trainer = L.Trainer(
+        max_epochs=iterations * epochs, accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
+        precision=cfg.trainer.precision, log_every_n_steps=cfg.trainer.log_every_n_steps,
+        gradient_clip_val=cfg.trainer.gradient_clip_val, enable_progress_bar=cfg.trainer.enable_progress_bar,
+        logger=logger if logger is not None else False, callbacks=callbacks, enable_checkpointing=logger is not None,
+        enable_model_summary=False, default_root_dir=output_dir, num_sanity_val_steps=0,
+    )
+    trainer.fit(module, train_dataloaders=data, ckpt_path=ckpt_path)
+    policy.eval()
+    return policy, dual, module
+
+
+def initial_multipliers(setup: Setup) -> torch.Tensor:
+    cfg = setup.cfg
+    values = []
+    for i, constraint in enumerate(cfg.constraints.values()):
+        if constraint.initial_multiplier is not None:
+            values.append(constraint.initial_multiplier)
+        elif cfg.algorithm.name == "fixed_lambda":
+            values.append(0.0)
+        else:  # caid warm start and one_shot both start from the one-shot solution
+            values.append(setup.one_shot[i].item())
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def _mlflow_logger(cfg: TrainConfig, raw: DictConfig):
+    if not cfg.logger.enabled:
+        return None
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    uri = cfg.logger.tracking_uri
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
+    logger = MLFlowLogger(
+        experiment_name=cfg.logger.experiment_name, run_name=cfg.logger.run_name or cfg.algorithm.name,
+        tracking_uri=uri, tags={"algorithm": cfg.algorithm.name, "policy_step": cfg.policy_step.name},
+    )
+    logger.log_hyperparams(report.flatten(OmegaConf.to_container(raw, resolve=True)))
+    return logger
+
+
+def run(raw_cfg: DictConfig) -> float:
+    """The whole job. Returns the trained policy's exact objective J (what a sweep maximises)."""
+    started = time.perf_counter()
+    cfg = validate(raw_cfg, scorer_names=None)
+    validate(raw_cfg, scorer_names=exact_scorer_names(cfg.data))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    logger = _mlflow_logger(cfg, raw_cfg)
+
+    setup = build(cfg)
+    timings = {"setup (pi_ref, rollouts, one-shot solve)": time.perf_counter() - started}
+    multipliers = initial_multipliers(setup)
+    algorithm = cfg.algorithm
+    if algorithm.name == "caid":
+        iterations, epochs = algorithm.iterations, algorithm.epochs_per_iteration
+    else:  # trained once, same epoch budget; the callback still measures the constraint at the end
+        iterations, epochs = 1, algorithm.iterations * algorithm.epochs_per_iteration
+    ckpt_path = cfg.ckpt_path
+    if ckpt_path == "last":
+        ckpt_path = str(output_dir / "checkpoints" / "last.ckpt")
+    tic = time.perf_counter()
+    policy, dual, _ = train_policy(setup, multipliers, algorithm.name == "caid", iterations, epochs, output_dir,
+                                   logger, ckpt_path)
+    timings[f"{algorithm.name} training"] = time.perf_counter() - tic
+
+    comparison = None
+    if algorithm.name == "caid" and algorithm.compare_one_shot:
+        tic = time.perf_counter()
+        _, one_shot_dual, _ = train_policy(setup, setup.one_shot.clone(), False, 1, iterations * epochs,
+                                           output_dir / "one_shot", None)
+        comparison = {"multipliers": setup.one_shot.tolist(), "exact": one_shot_dual.history[-1]["exact"]}
+        timings["one_shot comparison training"] = time.perf_counter() - tic
+
+    with torch.no_grad():
+        final_logprob = setup.task.enumerate_logprobs(policy).double()
+    summary = report.summarise(setup, dual.history, final_logprob, comparison, timings)
+    files = report.write_outputs(output_dir, setup, final_logprob, summary, raw_cfg)
+    if logger is not None:
+        report.log_to_mlflow(logger, summary, files)
+    print(report.table(summary))
+    print(f"outputs: {output_dir.resolve()}")
+    return summary["final"]["objective"]
