@@ -90,7 +90,9 @@ def preference_pairs(
     response_mask = ((positions >= lengths.unsqueeze(1)) & attention_mask.bool()).long()
     ref_logps = sequence_logprobs(reference, input_ids, attention_mask, response_mask, allowed_token_ids)
     pair = lambda t: torch.stack([t[first], t[second]], dim=1)  # noqa: E731
-    generator = torch.Generator().manual_seed(50_000 + seed)
+    # one column of uniforms per iteration, each from its own seed, so a column does not depend on the run's length
+    uniforms = [torch.rand(len(first), generator=torch.Generator().manual_seed(50_000 + 1_000 * seed + t))
+                for t in range(num_iterations)]
     return TensorBatches(
         {
             "input_ids": pair(input_ids),
@@ -99,7 +101,7 @@ def preference_pairs(
             "ref_logps": pair(ref_logps),
             "reward": pair(scores[0]),
             "utility": torch.stack([scores[1:, first], scores[1:, second]], dim=2).transpose(0, 1),
-            "label_uniform": torch.rand(len(first), num_iterations, generator=generator),
+            "label_uniform": torch.stack(uniforms, dim=1),
         }
     )
 

@@ -37,6 +37,12 @@ class DualUpdate(L.Callback):
         self.iteration = 0
         self.history: list[dict] = []
 
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self.iteration == 0:  # lambda_0 at step 0, so the trajectory in MLflow starts where training did
+            initial = module.multipliers.detach().cpu().tolist()
+            for logger in trainer.loggers:
+                logger.log_metrics({f"dual/lambda_{n}": initial[i] for i, n in enumerate(self.names)}, step=0)
+
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if (trainer.current_epoch + 1) % self.epochs_per_iteration:
             return
@@ -70,7 +76,9 @@ class DualUpdate(L.Callback):
             metrics[f"dual/improvement_{name}"] = record["estimated_improvement"][i]
             metrics[f"dual/slack_{name}"] = record["estimated_slack"][i]
         for key, value in record.get("exact", {}).items():
-            if isinstance(value, (int, float)):
+            if isinstance(value, list):  # one value per constraint
+                metrics.update({f"exact/{key}_{name}": value[i] for i, name in enumerate(self.names)})
+            else:
                 metrics[f"exact/{key}"] = value
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=self.iteration)

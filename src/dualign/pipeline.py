@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import report
-from .config import TrainConfig, exact_scorer_names, validate
+from .config import ConfigError, TrainConfig, exact_scorer_names, validate
 from .data import loader, preference_pairs, prompt_batches
 from .dual_callback import DualUpdate
 from .duality import solve_dual
@@ -187,7 +186,9 @@ def initial_multipliers(setup: Setup) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32)
 
 
-def _mlflow_logger(cfg: TrainConfig, raw: DictConfig):
+def _mlflow_logger(cfg: TrainConfig, raw: DictConfig, resume_from: Path | None):
+    """MLFlowLogger on the configured store. A run resumed from a checkpoint continues the MLflow run whose id was
+    saved beside it (params are immutable in MLflow, so they are logged once, by the first run)."""
     if not cfg.logger.enabled:
         return None
     from lightning.pytorch.loggers import MLFlowLogger
@@ -195,12 +196,33 @@ def _mlflow_logger(cfg: TrainConfig, raw: DictConfig):
     uri = cfg.logger.tracking_uri
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
+    id_file = resume_from.parent / "mlflow_run_id" if resume_from else None
+    run_id = id_file.read_text().strip() if id_file and id_file.exists() else None
     logger = MLFlowLogger(
         experiment_name=cfg.logger.experiment_name, run_name=cfg.logger.run_name or cfg.algorithm.name,
         tracking_uri=uri, tags={"algorithm": cfg.algorithm.name, "policy_step": cfg.policy_step.name},
+        run_id=run_id,
     )
-    logger.log_hyperparams(report.flatten(OmegaConf.to_container(raw, resolve=True)))
+    if run_id is None:
+        logger.log_hyperparams(report.flatten(OmegaConf.to_container(raw, resolve=True)))
+    checkpoints = Path(cfg.paths.output_dir) / "checkpoints"
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    (checkpoints / "mlflow_run_id").write_text(logger.run_id)
     return logger
+
+
+def _quiet_libraries() -> None:
+    """Keep the console for progress bars and the final table."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
 
 def run(raw_cfg: DictConfig) -> float:
@@ -209,13 +231,15 @@ def run(raw_cfg: DictConfig) -> float:
     cfg = validate(raw_cfg, scorer_names=None)
     validate(raw_cfg, scorer_names=exact_scorer_names(cfg.data))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
+    _quiet_libraries()
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    logger = _mlflow_logger(cfg, raw_cfg)
+    ckpt_path = cfg.ckpt_path
+    if ckpt_path == "last":
+        ckpt_path = str(output_dir / "checkpoints" / "last.ckpt")
+    if ckpt_path is not None and not Path(ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path={ckpt_path!r}: no such checkpoint file")
+    logger = _mlflow_logger(cfg, raw_cfg, Path(ckpt_path) if ckpt_path else None)
 
     setup = build(cfg)
     timings = {"setup (pi_ref, rollouts, one-shot solve)": time.perf_counter() - started}
@@ -225,9 +249,6 @@ def run(raw_cfg: DictConfig) -> float:
         iterations, epochs = algorithm.iterations, algorithm.epochs_per_iteration
     else:  # trained once, same epoch budget; the callback still measures the constraint at the end
         iterations, epochs = 1, algorithm.iterations * algorithm.epochs_per_iteration
-    ckpt_path = cfg.ckpt_path
-    if ckpt_path == "last":
-        ckpt_path = str(output_dir / "checkpoints" / "last.ckpt")
     tic = time.perf_counter()
     policy, dual, _ = train_policy(setup, multipliers, algorithm.name == "caid", iterations, epochs, output_dir,
                                    logger, ckpt_path)

@@ -1,0 +1,61 @@
+"""Bad configuration stops before anything is built, with one line naming the key and what is allowed."""
+import subprocess
+import sys
+
+import pytest
+
+from dualign.config import ConfigError, exact_scorer_names, validate
+
+from conftest import ROOT
+
+
+def check(cfg):
+    typed = validate(cfg)
+    return validate(cfg, scorer_names=exact_scorer_names(typed.data))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("beta=-0.5", "beta=-0.5 must be > 0"),
+        ("algorithm.name=ppo", "algorithm.name='ppo' is not allowed; allowed values: caid, one_shot, fixed_lambda"),
+        ("constraints.safety.scorer=toxicity", "constraints.safety.scorer='toxicity' is not allowed; allowed values: reward, utility_0, utility_1"),
+        ("constraints.safety.threshold=high", "constraints.safety.threshold"),
+        ("constraints.safety.threshold_type=relative", "allowed values: improvement, absolute"),
+        ("constraints.safety.step_size=0", "constraints.safety.step_size=0.0 must be > 0"),
+        ("constraints.safety.initial_multiplier=-1", "must be >= 0"),
+        ("policy_step.labels=fuzzy", "policy_step.labels='fuzzy' is not allowed; allowed values: soft, hard"),
+        ("reward.scorer=helpfulness", "reward.scorer='helpfulness' is not allowed"),
+        ("algorithm.iterations=0", "algorithm.iterations=0 must be > 0"),
+        ("reference.samples_per_prompt=7", "must be even"),
+        ("algorithm.dual_prompts=99", "exceeds data.num_prompts=16"),
+        ("+constraints.harm.threshold=0.2", "constraints.harm.scorer"),
+    ],
+)
+def test_bad_values_give_one_line_errors(make_cfg, override, message):
+    with pytest.raises(ConfigError) as error:
+        check(make_cfg(override))
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_caid_needs_a_constraint(make_cfg):
+    with pytest.raises(ConfigError, match="constraints is empty; algorithm.name=caid needs at least one constraint"):
+        check(make_cfg("constraints=none"))
+    assert check(make_cfg("constraints=none", "algorithm=fixed_lambda")).constraints == {}
+
+
+def test_defaults_and_experiments_validate(make_cfg):
+    for overrides in ([], ["experiment=exact_policy_step"], ["experiment=two_constraints"], ["algorithm=one_shot"]):
+        typed = check(make_cfg(*overrides))
+        assert typed.beta > 0 and typed.constraints
+
+
+def test_cli_reports_bad_config_in_one_line_before_building_anything(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "beta=-1", f"hydra.run.dir={tmp_path}", f"paths.cache_dir={tmp_path}/cache"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == "dualign: config error: beta=-1.0 must be > 0"
+    assert not (tmp_path / "cache").exists()

@@ -1,0 +1,113 @@
+"""The dual machinery against brute force, autograd and strong duality."""
+import itertools
+
+import pytest
+import torch
+
+from dualign.duality import (
+    InfeasibleError, dual_terms, projected_dual_step, solve_dual, tilted_log_weights,
+)
+from dualign.oracle import ExactOracle, Instance
+
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def random_instance(seed, m, P=6, N=40, beta=0.7, correlation=-0.6):
+    g = torch.Generator().manual_seed(seed)
+    reward = torch.randn(P, N, generator=g)
+    utility = correlation * reward + 0.8 * torch.randn(m, P, N, generator=g)
+    log_base = torch.log_softmax(torch.randn(P, N, generator=g), -1)
+    reference_mean = (log_base.exp() * utility).sum(-1).mean(-1)
+    threshold = torch.full((m,), 0.3)
+    return reward, utility, reference_mean, threshold, beta, log_base
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("m", [1, 2])
+def test_solver_matches_brute_force_grid(seed, m):
+    reward, utility, reference_mean, threshold, beta, log_base = random_instance(seed, m)
+    solution = solve_dual(reward, utility, reference_mean, threshold, beta, log_base=log_base)
+    assert solution.converged
+    grid = torch.linspace(0, 4, 201 if m == 1 else 81)
+    values = [
+        dual_terms(reward, utility, reference_mean, threshold, torch.tensor(point), beta, log_base).value.item()
+        for point in itertools.product(grid.tolist(), repeat=m)
+    ]
+    best = min(values)
+    assert solution.value <= best + 1e-9  # the solver beats every grid point
+    spacing = (grid[1] - grid[0]).item()
+    best_point = torch.tensor(list(itertools.product(grid.tolist(), repeat=m))[values.index(best)])
+    assert torch.allclose(solution.multipliers, best_point, atol=spacing)
+    # KKT: slack >= 0 everywhere, = 0 where the multiplier is positive
+    assert (solution.gradient >= -1e-7).all()
+    assert torch.allclose(solution.gradient * solution.multipliers, torch.zeros(m), atol=1e-7)
+
+
+def test_gradient_and_hessian_match_autograd():
+    reward, utility, reference_mean, threshold, beta, log_base = random_instance(3, 2)
+    lam = torch.tensor([0.4, 1.3], requires_grad=True)
+    terms = dual_terms(reward, utility, reference_mean, threshold, lam, beta, log_base)
+    value = lambda x: dual_terms(reward, utility, reference_mean, threshold, x, beta, log_base).value  # noqa: E731
+    assert torch.allclose(terms.gradient, torch.autograd.functional.jacobian(value, lam.detach()), atol=1e-10)
+    assert torch.allclose(terms.hessian, torch.autograd.functional.hessian(value, lam.detach()), atol=1e-8)
+
+
+def test_uniform_base_is_the_plug_in_log_mean_exp():
+    reward, utility, reference_mean, threshold, beta, _ = random_instance(4, 1)
+    lam = torch.tensor([0.8])
+    h = utility - (reference_mean + threshold).view(-1, 1, 1)
+    expected = beta * torch.log(torch.exp((reward + lam[0] * h[0]) / beta).mean(-1)).mean()
+    got = dual_terms(reward, utility, reference_mean, threshold, lam, beta).value
+    assert torch.allclose(got, expected)
+
+
+def test_log_sum_exp_survives_huge_scores():
+    reward, utility, reference_mean, threshold, beta, log_base = random_instance(5, 1)
+    terms = dual_terms(reward * 1e4, utility, reference_mean, threshold, torch.tensor([1.0]), 0.01, log_base)
+    assert torch.isfinite(terms.value) and torch.isfinite(terms.gradient).all()
+
+
+@pytest.mark.parametrize("m", [1, 2])
+def test_strong_duality_on_enumerated_instance(m):
+    reward, utility, _, _, beta, log_base = random_instance(6, m)
+    instance = Instance(log_base, reward, utility, beta, torch.full((m,), 0.25))
+    oracle = ExactOracle(instance)
+    optimum = oracle.optimum()
+    assert (optimum.multipliers > 0).all(), "the test instance should bind"
+    evaluation = oracle.evaluate(optimum.logprob)
+    # D(lambda*) = J(pi_lambda*) and pi_lambda* meets every active constraint exactly
+    assert abs(optimum.value - evaluation["objective"]) < 1e-8
+    assert torch.allclose(torch.tensor(evaluation["improvement"]), instance.threshold, atol=1e-7)
+    # weak duality: every lambda >= 0 bounds the optimum from above
+    for lam in ([0.0] * m, [2.0] * m):
+        assert oracle.dual_value(lam) >= optimum.value - 1e-12
+    # pi_lambda* beats random feasible perturbations of itself in objective
+    assert evaluation["tv_to_optimum"] < 1e-12
+
+
+def test_tilted_policy_is_normalised_and_tilts_towards_the_composite_reward():
+    reward, utility, _, _, beta, log_base = random_instance(7, 1)
+    logw = tilted_log_weights(reward, utility, torch.tensor([0.0]), beta, log_base)
+    assert torch.allclose(logw.exp().sum(-1), torch.ones(reward.shape[0]))
+    assert ((logw.exp() * reward).sum(-1) > (log_base.exp() * reward).sum(-1)).all()
+
+
+def test_projected_dual_step_signs_and_projection():
+    lam = torch.tensor([1.0, 0.1, 2.0])
+    slack = torch.tensor([0.5, 1.0, -0.5])  # over-satisfied, over-satisfied past zero, violated
+    updated = projected_dual_step(lam, slack, torch.tensor([1.0, 1.0, 1.0]))
+    assert torch.allclose(updated, torch.tensor([0.5, 0.0, 2.5]))
+    assert torch.allclose(projected_dual_step(lam, slack, 1.0, max_multiplier=2.2), torch.tensor([0.5, 0.0, 2.2]))
+
+
+def test_infeasible_threshold_is_reported():
+    reward, utility, reference_mean, _, beta, log_base = random_instance(8, 1)
+    with pytest.raises(InfeasibleError, match="not achievable"):
+        solve_dual(reward, utility, reference_mean, torch.tensor([100.0]), beta, log_base=log_base)

@@ -1,0 +1,90 @@
+"""The real entry point end to end with tiny settings."""
+import json
+import subprocess
+import sys
+
+import mlflow
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from dualign.oracle import ExactOracle, Instance
+from dualign.pipeline import run
+
+
+def test_caid_moves_lambda_the_right_way_and_closes_the_slack(make_cfg, tmp_path):
+    # start at lambda = 0, where the constraint is violated: the dual step must raise lambda and shrink the slack
+    cfg = make_cfg("constraints.safety.initial_multiplier=0", "algorithm.iterations=3", logger=True)
+    objective = run(cfg)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    lambdas = [summary["initial_multipliers"][0]] + [h["multipliers"][0] for h in summary["trajectory"]]
+    shortfall = [summary["threshold"][0] - h["exact"]["improvement"][0] for h in summary["trajectory"]]
+    assert lambdas[0] == 0 and lambdas[1] > 0 and lambdas[-1] > lambdas[1]
+    assert shortfall[0] > 0 and abs(shortfall[-1]) < shortfall[0]
+    assert objective == summary["final"]["objective"]
+
+    # files: the instance and final policy in the documented format
+    instance = np.load(tmp_path / "run" / "instance.npz")
+    P, N = instance["ref_logprob"].shape
+    assert (P, N) == (16, 512) and instance["utility"].shape == (1, P, N) and instance["threshold"].shape == (1,)
+    assert np.load(tmp_path / "run" / "policy_final.npz")["logprob"].shape == (P, N)
+    for key in ("optimal_multipliers", "optimal_value", "final_multipliers", "final", "gaps"):
+        assert key in summary
+
+    # MLflow: params, per-iteration lambda from step 0, per-step DPO metrics, artifacts
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (mlflow_run,) = client.search_runs([client.get_experiment_by_name("dualign").experiment_id])
+    assert mlflow_run.data.params["algorithm/name"] == "caid"
+    history = client.get_metric_history(mlflow_run.info.run_id, "dual/lambda_safety")
+    assert [m.step for m in history] == [0, 1, 2, 3]
+    assert "train/rewards/margins" in mlflow_run.data.metrics and "exact/improvement_safety" in mlflow_run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(mlflow_run.info.run_id)}
+    assert {"instance.npz", "policy_final.npz", "summary.json", "config.yaml", "dual_trajectory.png"} <= artifacts
+
+
+def test_resumed_run_continues_the_same_lambda_trajectory(make_cfg, tmp_path):
+    common = ("optimizer.schedule=constant", "policy_step.labels=hard")
+    run(make_cfg(*common, "algorithm.iterations=3", "paths.output_dir=" + str(tmp_path / "full")))
+    full = json.loads((tmp_path / "full" / "summary.json").read_text())
+
+    run(make_cfg(*common, "algorithm.iterations=2", "paths.output_dir=" + str(tmp_path / "part"), logger=True))
+    checkpoint = tmp_path / "part" / "checkpoints" / "last.ckpt"
+    run(make_cfg(*common, "algorithm.iterations=3", "paths.output_dir=" + str(tmp_path / "resumed"),
+                 f"ckpt_path={checkpoint}", logger=True))
+    resumed = json.loads((tmp_path / "resumed" / "summary.json").read_text())
+    assert len(resumed["trajectory"]) == 3
+    assert np.allclose([h["multipliers"] for h in resumed["trajectory"]],
+                       [h["multipliers"] for h in full["trajectory"]], atol=1e-6)
+    # the resumed job continued the first job's MLflow run
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (mlflow_run,) = client.search_runs([client.get_experiment_by_name("dualign").experiment_id])
+    assert [m.step for m in client.get_metric_history(mlflow_run.info.run_id, "dual/lambda_safety")] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("algorithm", ["one_shot", "fixed_lambda"])
+def test_baselines_keep_lambda_fixed(make_cfg, tmp_path, algorithm):
+    run(make_cfg(f"algorithm={algorithm}", "algorithm.iterations=1"))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    expected = summary["one_shot_multipliers"] if algorithm == "one_shot" else [0.0]
+    assert np.allclose(summary["final_multipliers"], expected, atol=1e-6)
+
+
+def test_exact_policy_step_with_exact_dual_estimates(make_cfg, tmp_path):
+    run(make_cfg("experiment=exact_policy_step", "algorithm.iterations=2", "policy_step.steps_per_epoch=20"))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["policy_step"] == "exact"
+    # the exact step optimises the enumerated Lagrangian: 40 steps already halve the distance to pi*
+    oracle = ExactOracle(Instance.load(tmp_path / "run" / "instance.npz"))
+    start = oracle.evaluate(oracle.instance.ref_logprob)["tv_to_optimum"]
+    assert summary["final"]["tv_to_optimum"] < 0.5 * start
+
+
+def test_cli_runs_the_fast_debug_config(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "debug=fast", f"hydra.run.dir={tmp_path / 'run'}",
+         f"paths.cache_dir={tmp_path / 'cache'}", "trainer.enable_progress_bar=false"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "|achieved - b| for safety" in result.stdout
+    assert (tmp_path / "run" / "summary.json").exists()
