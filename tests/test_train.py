@@ -88,3 +88,16 @@ def test_cli_runs_the_fast_debug_config(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "|achieved - b| for safety" in result.stdout
     assert (tmp_path / "run" / "summary.json").exists()
+
+
+def test_absolute_threshold_is_a_level_of_the_utility(make_cfg):
+    from dualign.config import validate
+    from dualign.pipeline import build
+
+    relative = build(validate(make_cfg("constraints.safety.threshold=0.4")))
+    level = relative.reference_mean[0].item() + 0.4
+    absolute = build(validate(make_cfg("constraints.safety.threshold_type=absolute", f"constraints.safety.threshold={level}")))
+    assert abs(absolute.threshold[0].item() - 0.4) < 1e-5
+    # the exact instance measures b against the exact E_ref[g]
+    exact_level = absolute.oracle.instance.reference_mean[0].item()
+    assert abs(absolute.oracle.instance.threshold[0].item() - (level - exact_level)) < 1e-6

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, DynamicCache, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 
 @dataclass
@@ -151,23 +151,35 @@ class ExactTask:
         return input_ids, mask
 
     def enumerate_logprobs(self, model, prompt_index: torch.Tensor | None = None) -> torch.Tensor:
-        """Exact log pi(y|x) for every response, [len(prompt_index), N], differentiable, in one forward pass."""
+        """Exact log pi(y|x) for every response, [len(prompt_index), N], differentiable.
+
+        Walks the response tree with the KV cache: the prompts once, then every prefix of length t branches into
+        its K children. Each tree node is computed once: P * (Lp + K + ... + K**(L-1)) tokens in all, against
+        P * N * (Lp + L) for a forward pass over every full sequence.
+        """
         K, L = self.cfg.num_response_tokens, self.cfg.response_length
         if prompt_index is None:
             prompt_index = torch.arange(self.cfg.num_prompts)
         device = next(model.parameters()).device
-        prefixes = _enumerate_tokens(K, L - 1)  # [K**(L-1), L-1]
-        prompt = torch.tensor(self.prompt_token_ids)[prompt_index]  # [B, Lp]
-        B, Lp, M = prompt.shape[0], prompt.shape[1], prefixes.shape[0]
-        input_ids = torch.cat(
-            [prompt.unsqueeze(1).expand(B, M, Lp), self.allowed_token_ids[prefixes].unsqueeze(0).expand(B, M, L - 1)], dim=2
-        ).reshape(B * M, Lp + L - 1)
-        logits = model(input_ids=input_ids.to(device)).logits[:, Lp - 1 :, self.allowed_token_ids.to(device)]
-        logprobs = logits.float().log_softmax(-1).reshape(B, M, L, K)
+        allowed = self.allowed_token_ids.to(device)
+        prompt = torch.tensor(self.prompt_token_ids)[prompt_index].to(device)  # [B, Lp]
+        # the cache goes in positionally: transformers 4.x names it past_key_values, 5.x cache; the model fills it
+        cache = DynamicCache(config=model.config)
+        logits = model(prompt, cache, use_cache=True).logits
+        levels = [logits[:, -1, allowed].float().log_softmax(-1)]  # [B * K**t, K] for t = 0 .. L-1
+        for _ in range(1, L):
+            cache.batch_repeat_interleave(K)  # every prefix branches into its K continuations
+            children = allowed.repeat(levels[-1].shape[0]).unsqueeze(1)
+            logits = model(children, cache, use_cache=True).logits
+            levels.append(logits[:, -1, allowed].float().log_softmax(-1))
+        B, N = prompt.shape[0], self.num_responses
         tokens = self.response_tokens.to(device)  # [N, L]
-        prefix_of = torch.arange(self.num_responses, device=device) // K  # the prefix sequence holding response n
-        per_position = logprobs[:, prefix_of.unsqueeze(1), torch.arange(L, device=device).unsqueeze(0), tokens]  # [B, N, L]
-        return per_position.sum(-1)
+        total = torch.zeros(B, N, device=device)
+        for t, level in enumerate(levels):
+            # row of response n's length-t prefix inside prompt b's block of K**t rows
+            prefix = torch.arange(N, device=device) // K ** (L - t)
+            total = total + level.view(B, K**t, K)[:, prefix, tokens[:, t]]
+        return total
 
 
 def tiny_gpt2(tokenizer, model_cfg: TinyModelConfig, max_positions: int) -> GPT2LMHeadModel:

@@ -88,5 +88,6 @@ class ExactOracle:
             "slack": (improvement - i.threshold).tolist(),
             "kl": kl,
             "objective": reward - i.beta * kl,
+            "objective_gap": optimum.value - (reward - i.beta * kl),  # P* - J
             "tv_to_optimum": tv,
         }
