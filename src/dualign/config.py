@@ -14,8 +14,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .exact_task import ExactTaskConfig, TinyModelConfig
 
-ALGORITHMS = ("caid", "one_shot", "fixed_lambda")
-POLICY_STEPS = ("dpo", "exact")
+ALGORITHMS = ("caid", "one_shot", "fixed_lambda", "primal_dual")
+POLICY_STEPS = ("dpo", "exact", "policy_gradient")
+PAIR_SOURCES = ("reference", "policy")
+DUAL_RULES = ("projected", "log")
 LABELS = ("soft", "hard")
 THRESHOLD_TYPES = ("improvement", "absolute")
 DUAL_ESTIMATORS = ("rollout", "exact")
@@ -32,8 +34,8 @@ class ConstraintConfig:
     threshold: float = MISSING  # b: required improvement over pi_ref, or tau: absolute level of E[g] (threshold_type)
     threshold_type: str = "improvement"
     negate: bool = False  # the utility is minus the score (safety = - cost)
-    initial_multiplier: Optional[float] = None  # None: caid warm-starts at the one-shot lambda*, fixed_lambda uses 0
-    step_size: float = 1.0  # eta of the projected dual step
+    initial_multiplier: Optional[float] = None  # None: algorithm.initial_multiplier
+    step_size: Optional[float] = None  # None: algorithm.step_size
 
 
 @dataclass
@@ -51,6 +53,10 @@ class AlgorithmConfig:
     dual_estimator: str = "rollout"  # rollout (the method) or exact (enumeration; exact task only)
     max_multiplier: Optional[float] = None
     compare_one_shot: bool = True  # caid: also train one_shot on the same instance and report it beside
+    initial_multiplier: Optional[float] = None  # None: caid/one_shot start at the one-shot lambda*, others at 0
+    step_size: float = 1.0  # eta (projected rule) or alpha (log rule), for constraints that set none
+    dual_rule: str = "projected"  # projected: max(0, lambda - eta u); log: ln lambda += alpha lambda (-u) (Safe RLHF)
+    dual_every_steps: Optional[int] = None  # primal_dual: a dual step every k optimiser steps from running estimates
 
 
 @dataclass
@@ -58,7 +64,9 @@ class PolicyStepConfig:
     name: str = "dpo"
     labels: str = "soft"  # soft: expected loss under p; hard: Bernoulli(p) labels, re-drawn for every lambda
     batch_size: int = 64  # pairs per step (dpo) or prompts per step (exact)
-    steps_per_epoch: int = 50  # exact only: full-batch steps in one epoch
+    steps_per_epoch: int = 50  # exact and policy_gradient: passes over the prompts in one epoch
+    pairs_from: str = "reference"  # dpo: pairs sampled from pi_ref once, or from the current policy every iteration
+    samples_per_prompt: int = 8  # policy_gradient: K responses per prompt for the RLOO estimator
 
 
 @dataclass
@@ -153,6 +161,17 @@ def validate(cfg: DictConfig | dict, scorer_names: tuple[str, ...] | None = None
     _choice("policy_step.labels", typed.policy_step.labels, LABELS)
     _choice("algorithm.dual_estimator", typed.algorithm.dual_estimator, DUAL_ESTIMATORS)
     _choice("optimizer.schedule", typed.optimizer.schedule, SCHEDULES)
+    _choice("policy_step.pairs_from", typed.policy_step.pairs_from, PAIR_SOURCES)
+    _choice("algorithm.dual_rule", typed.algorithm.dual_rule, DUAL_RULES)
+    _positive("algorithm.step_size", typed.algorithm.step_size)
+    if typed.algorithm.dual_every_steps is not None:
+        _positive("algorithm.dual_every_steps", typed.algorithm.dual_every_steps)
+    if typed.algorithm.name == "primal_dual" and typed.algorithm.dual_every_steps is None:
+        raise ConfigError("algorithm.dual_every_steps is null; algorithm.name=primal_dual updates lambda every k steps")
+    if typed.algorithm.initial_multiplier is not None:
+        _positive("algorithm.initial_multiplier", typed.algorithm.initial_multiplier, strict=typed.algorithm.dual_rule == "log")
+    if typed.policy_step.samples_per_prompt < 2:
+        raise ConfigError(f"policy_step.samples_per_prompt={typed.policy_step.samples_per_prompt} must be >= 2 (leave-one-out baseline)")
     for key in ("iterations", "epochs_per_iteration", "dual_prompts", "dual_samples"):
         _positive(f"algorithm.{key}", getattr(typed.algorithm, key))
     for key in ("batch_size", "steps_per_epoch"):
@@ -162,7 +181,7 @@ def validate(cfg: DictConfig | dict, scorer_names: tuple[str, ...] | None = None
     _positive("reference.samples_per_prompt", typed.reference.samples_per_prompt)
     if typed.reference.samples_per_prompt % 2:
         raise ConfigError(f"reference.samples_per_prompt={typed.reference.samples_per_prompt} must be even (responses are paired)")
-    if typed.algorithm.name in ("caid", "one_shot") and not typed.constraints:
+    if typed.algorithm.name in ("caid", "one_shot", "primal_dual") and not typed.constraints:
         raise ConfigError(f"constraints is empty; algorithm.name={typed.algorithm.name} needs at least one constraint")
     if typed.algorithm.max_multiplier is not None:
         _positive("algorithm.max_multiplier", typed.algorithm.max_multiplier)
@@ -179,9 +198,11 @@ def validate(cfg: DictConfig | dict, scorer_names: tuple[str, ...] | None = None
         if scorer_names is not None:
             _choice(f"{key}.scorer", constraint.scorer, scorer_names)
         _choice(f"{key}.threshold_type", constraint.threshold_type, THRESHOLD_TYPES)
-        _positive(f"{key}.step_size", constraint.step_size)
+        if constraint.step_size is not None:
+            _positive(f"{key}.step_size", constraint.step_size)
         if constraint.initial_multiplier is not None:
-            _positive(f"{key}.initial_multiplier", constraint.initial_multiplier, strict=False)
+            # the log-space rule multiplies lambda, so it can never leave 0
+            _positive(f"{key}.initial_multiplier", constraint.initial_multiplier, strict=typed.algorithm.dual_rule == "log")
     return typed
 
 

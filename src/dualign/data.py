@@ -66,6 +66,17 @@ def sequence_logprobs(model, input_ids, attention_mask, response_mask, allowed_t
     return torch.cat(out)
 
 
+def tokenized(prompt_ids: list[list[int]], rollouts, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, response_mask) [n, T] of prompt + response, right-padded for the loss."""
+    sequences = [prompt_ids[p] + r for p, r in zip(rollouts.prompt_index.tolist(), rollouts.response_ids)]
+    lengths = torch.tensor([len(prompt_ids[p]) for p in rollouts.prompt_index.tolist()])
+    input_ids = pad_right(sequences, pad_id)
+    attention_mask = pad_right([[1] * len(s) for s in sequences], 0)
+    positions = torch.arange(input_ids.shape[1]).unsqueeze(0)
+    response_mask = ((positions >= lengths.unsqueeze(1)) & attention_mask.bool()).long()
+    return input_ids, attention_mask, response_mask
+
+
 def preference_pairs(
     prompt_ids: list[list[int]],
     rollouts,
@@ -82,12 +93,7 @@ def preference_pairs(
     first, second = torch.arange(0, n, 2), torch.arange(1, n, 2)
     if not torch.equal(rollouts.prompt_index[first], rollouts.prompt_index[second]):
         raise ValueError("rollouts must hold an even number of responses per prompt to be paired")
-    sequences = [prompt_ids[p] + r for p, r in zip(rollouts.prompt_index.tolist(), rollouts.response_ids)]
-    lengths = torch.tensor([len(prompt_ids[p]) for p in rollouts.prompt_index.tolist()])
-    input_ids = pad_right(sequences, pad_id)
-    attention_mask = pad_right([[1] * len(s) for s in sequences], 0)
-    positions = torch.arange(input_ids.shape[1]).unsqueeze(0)
-    response_mask = ((positions >= lengths.unsqueeze(1)) & attention_mask.bool()).long()
+    input_ids, attention_mask, response_mask = tokenized(prompt_ids, rollouts, pad_id)
     ref_logps = sequence_logprobs(reference, input_ids, attention_mask, response_mask, allowed_token_ids)
     pair = lambda t: torch.stack([t[first], t[second]], dim=1)  # noqa: E731
     # one column of uniforms per iteration, each from its own seed, so a column does not depend on the run's length

@@ -1,6 +1,9 @@
-"""The dual-variable callback: after every E epochs (one CAID iteration) it measures the constraints on-policy and,
-when asked to, takes the projected dual step on the module's multipliers. It owns the iteration index and the
-history, and checkpoints them with the reference statistics."""
+"""The dual-variable callback: it owns when and how the module's multipliers change, the update index and the
+history, and checkpoints them with the reference statistics.
+
+Two triggers share one update: after every E epochs (a CAID iteration) from a fresh on-policy estimate, or every k
+optimiser steps (primal-dual) from the running constraint statistics the policy step reports for its own samples.
+Two rules: the projected step of method.md (caid) and Safe RLHF's log-space step."""
 from __future__ import annotations
 
 from typing import Callable, Protocol
@@ -8,7 +11,7 @@ from typing import Callable, Protocol
 import lightning as L
 import torch
 
-from .duality import projected_dual_step
+from .duality import DUAL_STEPS
 
 
 class ConstraintEstimator(Protocol):
@@ -19,7 +22,7 @@ class ConstraintEstimator(Protocol):
 class DualUpdate(L.Callback):
     def __init__(
         self,
-        estimator: ConstraintEstimator,
+        estimator: ConstraintEstimator | None,
         names: list[str],
         reference_mean: torch.Tensor,
         threshold: torch.Tensor,
@@ -28,14 +31,18 @@ class DualUpdate(L.Callback):
         update: bool = True,
         max_multiplier: float | None = None,
         evaluator: Callable[[torch.nn.Module], dict] | None = None,
+        rule: str = "projected",
+        every_n_steps: int | None = None,
     ):
         self.estimator, self.names, self.update = estimator, names, update
         self.reference_mean = torch.as_tensor(reference_mean, dtype=torch.float32)
         self.threshold = torch.as_tensor(threshold, dtype=torch.float32)
         self.step_size = torch.as_tensor(step_size, dtype=torch.float32)
         self.epochs_per_iteration, self.max_multiplier, self.evaluator = epochs_per_iteration, max_multiplier, evaluator
+        self.rule, self.every_n_steps = DUAL_STEPS[rule], every_n_steps
         self.iteration = 0
         self.history: list[dict] = []
+        self._running = None  # (sum [m], count) since the last step-triggered update
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if self.iteration == 0:  # lambda_0 at step 0, so the trajectory in MLflow starts where training did
@@ -44,9 +51,25 @@ class DualUpdate(L.Callback):
                 logger.log_metrics({f"dual/lambda_{n}": initial[i] for i, n in enumerate(self.names)}, step=0)
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if (trainer.current_epoch + 1) % self.epochs_per_iteration:
+        if self.every_n_steps is None and (trainer.current_epoch + 1) % self.epochs_per_iteration == 0:
+            self._dual_step(trainer, module, *self.estimator(module.policy, self.iteration))
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if self.every_n_steps is None:
             return
-        total, count = self.estimator(module.policy, self.iteration)
+        stats = outputs.get("constraint_stats") if isinstance(outputs, dict) else None
+        if stats is None:
+            raise RuntimeError("dual_every_steps needs a policy step that reports constraint statistics (policy_gradient)")
+        total, count = stats[0].detach().cpu(), stats[1]
+        if self._running is None:
+            self._running = (total, count)
+        else:
+            self._running = (self._running[0] + total, self._running[1] + count)
+        if trainer.global_step % self.every_n_steps == 0:
+            self._dual_step(trainer, module, *self._running)
+            self._running = None
+
+    def _dual_step(self, trainer: L.Trainer, module: L.LightningModule, total: torch.Tensor, count) -> None:
         # sums and counts, reduced across ranks, so every rank takes the same step
         total = trainer.strategy.reduce(total.to(module.device), reduce_op="sum").cpu()
         count = trainer.strategy.reduce(torch.tensor(float(count), device=module.device), reduce_op="sum").cpu()
@@ -55,7 +78,7 @@ class DualUpdate(L.Callback):
         slack = improvement - self.threshold
         used = module.multipliers.detach().cpu().clone()
         if self.update:
-            updated = projected_dual_step(used, slack, self.step_size, self.max_multiplier)
+            updated = self.rule(used, slack, self.step_size, self.max_multiplier)
             if not torch.isfinite(updated).all():
                 raise FloatingPointError(f"multipliers became {updated.tolist()} at iteration {self.iteration + 1}")
             module.multipliers.copy_(updated.to(module.multipliers))

@@ -154,3 +154,18 @@ def projected_dual_step(
     """
     updated = (multipliers - torch.as_tensor(step_size, dtype=multipliers.dtype) * slack).clamp(min=0)
     return updated if max_multiplier is None else updated.clamp(max=max_multiplier)
+
+
+def log_space_dual_step(
+    multipliers: torch.Tensor, slack: torch.Tensor, step_size: torch.Tensor | float, max_multiplier: float | None = None
+) -> torch.Tensor:
+    """Safe RLHF's dual step: ln lambda <- ln lambda + alpha * lambda * violation, violation = -u, lambda capped.
+
+    Multiplicative, so lambda stays positive (and a lambda of 0 stays 0: start it above 0).
+    """
+    violation = -slack
+    updated = multipliers * torch.exp(torch.as_tensor(step_size, dtype=multipliers.dtype) * multipliers * violation)
+    return updated if max_multiplier is None else updated.clamp(max=max_multiplier)
+
+
+DUAL_STEPS = {"projected": projected_dual_step, "log": log_space_dual_step}

@@ -24,13 +24,14 @@ class AlignmentModule(L.LightningModule):
         return self.current_epoch // self.epochs_per_iteration
 
     def training_step(self, batch, batch_idx):
-        loss, metrics = self.policy_step(self.policy, batch, self.multipliers, self.iteration)
+        loss, metrics = self.policy_step(self.policy, batch, self.multipliers, self.iteration, self.global_step)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at step {self.global_step}, batch {batch_idx}")
+        stats = metrics.pop("constraint_stats", None)  # (utility sums, count) of on-policy samples, for the dual step
         size = next(iter(batch.values())).shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         self.log_dict({f"train/{k}": v for k, v in metrics.items()}, batch_size=size)
-        return loss
+        return {"loss": loss, "constraint_stats": stats}
 
     def configure_optimizers(self):
         cfg = self.optimizer_cfg

@@ -14,13 +14,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import report
 from .config import ConfigError, TrainConfig, exact_scorer_names, validate
-from .data import loader, preference_pairs, prompt_batches
+from .data import loader, preference_pairs, prompt_batches, tokenized
 from .dual_callback import DualUpdate
 from .duality import solve_dual
 from .exact_task import ExactTask, reference_policy
 from .module import AlignmentModule
 from .oracle import ExactOracle, Instance
-from .policy_steps import DPOStep, ExactStep
+from .policy_steps import DPOStep, ExactStep, PolicyGradientStep
 from .rollout import sample_responses
 from .scorers import Negated, score_all
 
@@ -34,75 +34,80 @@ class Setup:
     cfg: TrainConfig
     task: ExactTask
     reference: torch.nn.Module
-    reward_scorer: object
-    constraint_scorers: list
+    scorers: list  # reward first, then one per constraint
     names: list[str]
     reference_mean: torch.Tensor  # E_ref[g_i] estimated from the reference rollouts
     threshold: torch.Tensor  # b_i, required improvements
     one_shot: torch.Tensor  # plug-in lambda* from the reference rollouts
     pairs: object  # preference pairs from pi_ref with cached reference log-probabilities
     oracle: ExactOracle
+    task_scores: dict[str, torch.Tensor]  # every scorer the task offers over every (prompt, response), [P, N]
+
+    def sample_and_score(self, model, prompt_index, samples: int, seed: int):
+        """The one rollout path: `samples` responses per prompt from `model`, scored by reward and constraints."""
+        task, cfg = self.task, self.cfg
+        chosen = [int(i) for i in prompt_index]
+        rollouts = sample_responses(
+            model, task.tokenizer, [task.prompts[i] for i in chosen], [task.prompt_token_ids[i] for i in chosen],
+            samples, task.cfg.response_length, seed=seed, temperature=cfg.reference.temperature,
+            top_p=cfg.reference.top_p, min_new_tokens=task.cfg.response_length, allowed_token_ids=task.allowed_token_ids,
+        )
+        rollouts.prompt_index = torch.tensor(chosen)[rollouts.prompt_index]  # back to task prompt indices
+        return rollouts, score_all(self.scorers, rollouts.prompts, rollouts.responses)
+
+    def pairs_from(self, model, num_iterations: int, seed: int):
+        """Preference pairs from `model`'s rollouts, with reference log-probabilities computed once for them."""
+        rollouts, scores = self.sample_and_score(model, range(len(self.task.prompts)),
+                                                 self.cfg.reference.samples_per_prompt, seed)
+        return preference_pairs(self.task.prompt_token_ids, rollouts, scores, self.reference,
+                                self.task.tokenizer.pad_token_id, num_iterations, seed, self.task.allowed_token_ids)
+
+
+def _thresholds(cfg: TrainConfig, reference_mean: torch.Tensor) -> torch.Tensor:
+    return torch.tensor([c.threshold if c.threshold_type == "improvement" else c.threshold - reference_mean[i].item()
+                         for i, c in enumerate(cfg.constraints.values())])
 
 
 def build(cfg: TrainConfig) -> Setup:
     task = ExactTask(cfg.data)
     reference = reference_policy(task, cfg.model, cfg.paths.cache_dir)
-    scorers = task.scorers()
+    available = task.scorers()
     names = list(cfg.constraints)
-    constraint_scorers = [
-        Negated(scorers[c.scorer]) if c.negate else scorers[c.scorer] for c in cfg.constraints.values()
+    scorers = [available[cfg.reward.scorer]] + [
+        Negated(available[c.scorer]) if c.negate else available[c.scorer] for c in cfg.constraints.values()
     ]
-    reward_scorer = scorers[cfg.reward.scorer]
+    P, samples = len(task.prompts), cfg.reference.samples_per_prompt
+    setup = Setup(cfg, task, reference, scorers, names, None, None, None, None, None, {})
 
     # pi_ref rollouts: DPO pairs, E_ref[g] and the one-shot plug-in dual all come from these samples
-    samples = cfg.reference.samples_per_prompt
-    rollouts = sample_responses(
-        reference, task.tokenizer, task.prompts, task.prompt_token_ids, samples, task.cfg.response_length,
-        seed=cfg.seed, temperature=cfg.reference.temperature, top_p=cfg.reference.top_p,
-        min_new_tokens=task.cfg.response_length, allowed_token_ids=task.allowed_token_ids,
-    )
-    scores = score_all([reward_scorer, *constraint_scorers], rollouts.prompts, rollouts.responses)
-    P = len(task.prompts)
+    rollouts, scores = setup.sample_and_score(reference, range(P), samples, seed=cfg.seed)
     reward, utility = scores[0].view(P, samples), scores[1:].view(len(names), P, samples)
-    reference_mean = utility.mean(dim=(1, 2))
-    threshold = torch.tensor(
-        [c.threshold if c.threshold_type == "improvement" else c.threshold - reference_mean[i].item()
-         for i, c in enumerate(cfg.constraints.values())]
-    )
-    one_shot = solve_dual(reward, utility, reference_mean, threshold, cfg.beta).multipliers.float()
-    pairs = preference_pairs(
-        task.prompt_token_ids, rollouts, scores, reference, task.tokenizer.pad_token_id,
-        num_iterations=cfg.algorithm.iterations, seed=cfg.seed, allowed_token_ids=task.allowed_token_ids,
-    )
+    setup.reference_mean = utility.mean(dim=(1, 2))
+    setup.threshold = _thresholds(cfg, setup.reference_mean)
+    setup.one_shot = solve_dual(reward, utility, setup.reference_mean, setup.threshold, cfg.beta).multipliers.float()
+    setup.pairs = preference_pairs(task.prompt_token_ids, rollouts, scores, reference, task.tokenizer.pad_token_id,
+                                   cfg.algorithm.iterations, cfg.seed, task.allowed_token_ids)
 
     # the exact instance: every response of every prompt, scored by the same scorers
     all_prompts = [p for p in task.prompts for _ in task.responses]
-    all_scores = score_all([reward_scorer, *constraint_scorers], all_prompts, task.responses * P).view(-1, P, task.num_responses)
+    all_scores = score_all(scorers, all_prompts, task.responses * P).view(-1, P, task.num_responses)
     with torch.no_grad():
         ref_logprob = task.enumerate_logprobs(reference)
     exact_reference_mean = (ref_logprob.exp() * all_scores[1:]).sum(-1).mean(-1)
-    exact_threshold = torch.tensor(
-        [c.threshold if c.threshold_type == "improvement" else c.threshold - exact_reference_mean[i].item()
-         for i, c in enumerate(cfg.constraints.values())]
-    )
-    instance = Instance(ref_logprob, all_scores[0], all_scores[1:], cfg.beta, exact_threshold)
-    return Setup(cfg, task, reference, reward_scorer, constraint_scorers, names, reference_mean, threshold,
-                 one_shot, pairs, ExactOracle(instance))
+    instance = Instance(ref_logprob, all_scores[0], all_scores[1:], cfg.beta, _thresholds(cfg, exact_reference_mean))
+    setup.oracle = ExactOracle(instance)
+    setup.task_scores = {name: scorer.table for name, scorer in available.items()}
+    return setup
 
 
 def _rollout_estimator(setup: Setup):
-    cfg, task = setup.cfg, setup.task
+    cfg = setup.cfg
 
     def estimate(policy, iteration):
         generator = torch.Generator().manual_seed(60_000 + 1_000 * cfg.seed + iteration)
-        chosen = torch.randperm(len(task.prompts), generator=generator)[: cfg.algorithm.dual_prompts].tolist()
-        rollouts = sample_responses(
-            policy, task.tokenizer, [task.prompts[i] for i in chosen], [task.prompt_token_ids[i] for i in chosen],
-            cfg.algorithm.dual_samples, task.cfg.response_length, seed=70_000 + 1_000 * cfg.seed + iteration,
-            min_new_tokens=task.cfg.response_length, allowed_token_ids=task.allowed_token_ids,
-        )
-        utility = score_all(setup.constraint_scorers, rollouts.prompts, rollouts.responses)
-        return utility.sum(-1), utility.shape[-1]
+        chosen = torch.randperm(len(setup.task.prompts), generator=generator)[: cfg.algorithm.dual_prompts]
+        _, scores = setup.sample_and_score(policy, chosen, cfg.algorithm.dual_samples, 70_000 + 1_000 * cfg.seed + iteration)
+        return scores[1:].sum(-1), scores.shape[-1]
 
     return estimate
 
@@ -128,31 +133,64 @@ def _exact_evaluator(setup: Setup):
     return evaluate
 
 
-def train_policy(setup: Setup, multipliers: torch.Tensor, update: bool, iterations: int, epochs: int,
-                 output_dir: Path, logger=None, ckpt_path: str | None = None):
-    """Train a fresh copy of pi_ref for iterations * epochs epochs, with a dual step after every iteration if
-    `update`. Returns the trained policy and the DualUpdate callback (its history is the lambda trajectory)."""
+class PairData(L.LightningDataModule):
+    """DPO pairs: drawn from pi_ref once (the paper), or from the current policy at the start of every iteration
+    (`pairs_from: policy`; Lightning reloads the dataloader every E epochs)."""
+
+    def __init__(self, setup: Setup, epochs_per_iteration: int):
+        super().__init__()
+        self.setup_, self.epochs = setup, epochs_per_iteration
+
+    def train_dataloader(self):
+        cfg = self.setup_.cfg
+        pairs = self.setup_.pairs
+        iteration = self.trainer.current_epoch // self.epochs if self.trainer else 0
+        if cfg.policy_step.pairs_from == "policy" and iteration > 0:  # iteration 0: the policy is pi_ref
+            pairs = self.setup_.pairs_from(self.trainer.lightning_module.policy, cfg.algorithm.iterations,
+                                           seed=90_000 + 1_000 * cfg.seed + iteration)
+        return loader(pairs, cfg.policy_step.batch_size, cfg.seed)
+
+
+def _policy_step_and_data(setup: Setup, epochs: int):
     cfg, task = setup.cfg, setup.task
+    name = cfg.policy_step.name
+    if name == "dpo":
+        return DPOStep(cfg.beta, cfg.policy_step.labels, task.allowed_token_ids), PairData(setup, epochs)
+    prompts = loader(prompt_batches(len(task.prompts), cfg.policy_step.steps_per_epoch),
+                     min(cfg.policy_step.batch_size, len(task.prompts)), cfg.seed)
+    if name == "exact":
+        instance = setup.oracle.instance
+        return ExactStep(task, cfg.beta, instance.reward, instance.utility, instance.ref_logprob), prompts
+
+    def sample_and_score(policy, prompt_index, samples, seed):
+        rollouts, scores = setup.sample_and_score(policy, prompt_index, samples, seed)
+        return (scores, *tokenized(task.prompt_token_ids, rollouts, task.tokenizer.pad_token_id))
+
+    step = PolicyGradientStep(cfg.beta, setup.reference, sample_and_score, cfg.policy_step.samples_per_prompt,
+                              setup.reference_mean, setup.threshold, cfg.seed, task.allowed_token_ids)
+    return step, prompts
+
+
+def train_policy(setup: Setup, multipliers: torch.Tensor, algorithm: str, iterations: int, epochs: int,
+                 output_dir: Path, logger=None, ckpt_path: str | None = None):
+    """Train a fresh copy of pi_ref for iterations * epochs epochs. caid: a dual step after every iteration;
+    primal_dual: every k optimiser steps; one_shot / fixed_lambda: lambda fixed, the constraint measured at the end.
+    Returns the trained policy and the DualUpdate callback (its history is the lambda trajectory)."""
+    cfg = setup.cfg
     policy = type(setup.reference)(setup.reference.config)
     policy.load_state_dict(setup.reference.state_dict())
     policy.train()
-    if cfg.policy_step.name == "dpo":
-        step = DPOStep(cfg.beta, cfg.policy_step.labels, task.allowed_token_ids)
-        data = loader(setup.pairs, cfg.policy_step.batch_size, cfg.seed)
-    else:
-        instance = setup.oracle.instance
-        step = ExactStep(task, cfg.beta, instance.reward, instance.utility, instance.ref_logprob)
-        data = loader(prompt_batches(len(task.prompts), cfg.policy_step.steps_per_epoch),
-                      min(cfg.policy_step.batch_size, len(task.prompts)), cfg.seed)
+    step, data = _policy_step_and_data(setup, epochs)
     if cfg.algorithm.dual_estimator == "exact":  # exact E_pi[g] against the exact E_ref[g]
         estimator, reference_mean = _exact_estimator(setup), setup.oracle.instance.reference_mean
         threshold = setup.oracle.instance.threshold
     else:
         estimator, reference_mean, threshold = _rollout_estimator(setup), setup.reference_mean, setup.threshold
     dual = DualUpdate(
-        estimator, setup.names, reference_mean, threshold,
-        torch.tensor([c.step_size for c in cfg.constraints.values()]), epochs,
-        update=update, max_multiplier=cfg.algorithm.max_multiplier, evaluator=_exact_evaluator(setup),
+        estimator, setup.names, reference_mean, threshold, step_sizes(cfg), epochs,
+        update=algorithm in ("caid", "primal_dual"), max_multiplier=cfg.algorithm.max_multiplier,
+        evaluator=_exact_evaluator(setup), rule=cfg.algorithm.dual_rule,
+        every_n_steps=cfg.algorithm.dual_every_steps if algorithm == "primal_dual" else None,
     )
     module = AlignmentModule(policy, step, multipliers, cfg.optimizer, epochs)
     callbacks = [dual]
@@ -167,10 +205,19 @@ def train_policy(setup: Setup, multipliers: torch.Tensor, update: bool, iteratio
         gradient_clip_val=cfg.trainer.gradient_clip_val, enable_progress_bar=cfg.trainer.enable_progress_bar,
         logger=logger if logger is not None else False, callbacks=callbacks, enable_checkpointing=logger is not None,
         enable_model_summary=False, default_root_dir=output_dir, num_sanity_val_steps=0,
+        reload_dataloaders_every_n_epochs=epochs if cfg.policy_step.pairs_from == "policy" else 0,
     )
-    trainer.fit(module, train_dataloaders=data, ckpt_path=ckpt_path)
+    if isinstance(data, L.LightningDataModule):
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    else:
+        trainer.fit(module, train_dataloaders=data, ckpt_path=ckpt_path)
     policy.eval()
     return policy, dual, module
+
+
+def step_sizes(cfg: TrainConfig) -> torch.Tensor:
+    return torch.tensor([c.step_size if c.step_size is not None else cfg.algorithm.step_size
+                         for c in cfg.constraints.values()])
 
 
 def initial_multipliers(setup: Setup) -> torch.Tensor:
@@ -179,10 +226,12 @@ def initial_multipliers(setup: Setup) -> torch.Tensor:
     for i, constraint in enumerate(cfg.constraints.values()):
         if constraint.initial_multiplier is not None:
             values.append(constraint.initial_multiplier)
-        elif cfg.algorithm.name == "fixed_lambda":
-            values.append(0.0)
-        else:  # caid warm start and one_shot both start from the one-shot solution
+        elif cfg.algorithm.initial_multiplier is not None:
+            values.append(cfg.algorithm.initial_multiplier)
+        elif cfg.algorithm.name in ("caid", "one_shot"):  # caid warm-starts at the one-shot solution
             values.append(setup.one_shot[i].item())
+        else:
+            values.append(0.0)
     return torch.tensor(values, dtype=torch.float32)
 
 
@@ -245,21 +294,23 @@ def run(raw_cfg: DictConfig) -> float:
     timings = {"setup (pi_ref, rollouts, one-shot solve)": time.perf_counter() - started}
     multipliers = initial_multipliers(setup)
     algorithm = cfg.algorithm
-    if algorithm.name == "caid":
+    if algorithm.name in ("caid", "primal_dual"):
         iterations, epochs = algorithm.iterations, algorithm.epochs_per_iteration
     else:  # trained once, same epoch budget; the callback still measures the constraint at the end
         iterations, epochs = 1, algorithm.iterations * algorithm.epochs_per_iteration
     tic = time.perf_counter()
-    policy, dual, _ = train_policy(setup, multipliers, algorithm.name == "caid", iterations, epochs, output_dir,
-                                   logger, ckpt_path)
+    policy, dual, _ = train_policy(setup, multipliers, algorithm.name, iterations, epochs, output_dir, logger, ckpt_path)
     timings[f"{algorithm.name} training"] = time.perf_counter() - tic
 
     comparison = None
     if algorithm.name == "caid" and algorithm.compare_one_shot:
         tic = time.perf_counter()
-        _, one_shot_dual, _ = train_policy(setup, setup.one_shot.clone(), False, 1, iterations * epochs,
-                                           output_dir / "one_shot", None)
-        comparison = {"multipliers": setup.one_shot.tolist(), "exact": one_shot_dual.history[-1]["exact"]}
+        one_shot_policy, one_shot_dual, _ = train_policy(setup, setup.one_shot.clone(), "one_shot", 1,
+                                                         iterations * epochs, output_dir / "one_shot", None)
+        with torch.no_grad():
+            one_shot_logprob = setup.task.enumerate_logprobs(one_shot_policy).double()
+        comparison = {"multipliers": setup.one_shot.tolist(), "exact": one_shot_dual.history[-1]["exact"],
+                      "scores": report.task_score_means(setup, one_shot_logprob)}
         timings["one_shot comparison training"] = time.perf_counter() - tic
 
     with torch.no_grad():

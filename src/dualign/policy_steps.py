@@ -1,6 +1,7 @@
 """Policy steps: losses whose minimiser is argmax_theta L(pi_theta, lambda) (method.md section 4). Pure torch.
 
-Each is called as step(policy, batch, multipliers, iteration) -> (loss, metrics).
+Each is called as step(policy, batch, multipliers, iteration, global_step) -> (loss, metrics). A step that samples
+on-policy reports metrics["constraint_stats"] = (utility sums [m], count) for step-triggered dual updates.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ class DPOStep:
     def __init__(self, beta: float, labels: str = "soft", allowed_token_ids: torch.Tensor | None = None):
         self.beta, self.labels, self.allowed_token_ids = beta, labels, allowed_token_ids
 
-    def __call__(self, policy, batch, multipliers, iteration):
+    def __call__(self, policy, batch, multipliers, iteration, global_step=0):
         input_ids = batch["input_ids"]
         pairs, length = input_ids.shape[0], input_ids.shape[-1]
         flat = lambda t: t.reshape(2 * pairs, length)  # noqa: E731
@@ -46,7 +47,7 @@ class ExactStep:
         self.task, self.beta = task, beta
         self.reward, self.utility, self.ref_logprob = reward.float(), utility.float(), ref_logprob.float()
 
-    def __call__(self, policy, batch, multipliers, iteration):
+    def __call__(self, policy, batch, multipliers, iteration, global_step=0):
         prompt_index = batch["prompt_index"]
         logprob = self.task.enumerate_logprobs(policy, prompt_index)
         prob = logprob.exp()
@@ -57,3 +58,43 @@ class ExactStep:
         kl = (prob * (logprob - self.ref_logprob[prompt_index].to(device))).sum(-1)
         lagrangian = (prob * composite).sum(-1) - self.beta * kl
         return -lagrangian.mean(), {"lagrangian": lagrangian.mean().detach(), "kl": kl.mean().detach()}
+
+
+class PolicyGradientStep:
+    """Online policy gradient on r + lambda . h with a per-sample KL penalty, RLOO baseline (Safe RLHF style, no PPO).
+
+    For each prompt in the batch: K responses from the current policy, their scores, and the leave-one-out
+    advantage A_j = R_j - mean_{k != j} R_k of R = r + lambda . h - beta (log pi - log pi_ref); loss = -mean(A log pi).
+    `sample_and_score(policy, prompt_index, samples, seed)` is the project's rollout path: it returns the rollouts,
+    their scores [1 + m, n] (reward first) and the tokenized sequences.
+    """
+
+    def __init__(self, beta, reference, sample_and_score, samples_per_prompt, reference_mean, threshold, seed,
+                 allowed_token_ids=None):
+        self.beta, self.reference, self.sample_and_score = beta, reference, sample_and_score
+        self.samples, self.seed, self.allowed_token_ids = samples_per_prompt, seed, allowed_token_ids
+        self.offset = (torch.as_tensor(reference_mean) + torch.as_tensor(threshold)).float()
+
+    def __call__(self, policy, batch, multipliers, iteration, global_step=0):
+        prompt_index = batch["prompt_index"]
+        seed = 80_000 + 1_000_003 * self.seed + global_step
+        scores, input_ids, attention_mask, response_mask = self.sample_and_score(policy, prompt_index, self.samples, seed)
+        device = next(policy.parameters()).device
+        input_ids, attention_mask, response_mask = (t.to(device) for t in (input_ids, attention_mask, response_mask))
+        logits = policy(input_ids=input_ids, attention_mask=attention_mask).logits
+        logps = response_logprobs(logits, input_ids, response_mask, self.allowed_token_ids)
+        with torch.no_grad():
+            ref_logits = self.reference(input_ids=input_ids, attention_mask=attention_mask).logits
+            ref_logps = response_logprobs(ref_logits, input_ids, response_mask, self.allowed_token_ids)
+        scores = scores.to(device)
+        reward, utility = scores[0], scores[1:]
+        slack = utility - self.offset.to(device).unsqueeze(1)
+        kl = (logps - ref_logps).detach()
+        total = (reward + torch.einsum("m,mn->n", multipliers.float(), slack) - self.beta * kl).view(-1, self.samples)
+        baseline = (total.sum(1, keepdim=True) - total) / (self.samples - 1)
+        advantage = (total - baseline).reshape(-1)
+        loss = -(advantage * logps).mean()
+        return loss, {
+            "reward": reward.mean(), "kl": kl.mean(), "lagrangian": total.mean(),
+            "constraint_stats": (utility.sum(-1).detach(), utility.shape[-1]),
+        }

@@ -19,6 +19,19 @@ def flatten(tree, prefix: str = "") -> dict[str, object]:
     return out
 
 
+def task_score_means(setup, logprob: torch.Tensor) -> dict[str, dict[str, float]]:
+    """Exact E_pi[s] and its improvement over pi_ref for every scorer the task offers (not only the optimised ones):
+    a safety-only run is judged on helpfulness too."""
+    prob = torch.as_tensor(logprob, dtype=torch.float64).exp()
+    ref_prob = setup.oracle.instance.ref_logprob.exp()
+    out = {}
+    for name, table in setup.task_scores.items():
+        table = table.double()
+        mean, ref = (prob * table).sum(-1).mean().item(), (ref_prob * table).sum(-1).mean().item()
+        out[name] = {"mean": mean, "improvement": mean - ref}
+    return out
+
+
 def summarise(setup, history: list[dict], final_logprob: torch.Tensor, comparison: dict | None, timings: dict) -> dict:
     oracle, instance = setup.oracle, setup.oracle.instance
     optimum = oracle.optimum()
@@ -45,6 +58,7 @@ def summarise(setup, history: list[dict], final_logprob: torch.Tensor, compariso
         "final_multipliers": final_multipliers,
         "trajectory": history,
         "final": final,
+        "final_scores": task_score_means(setup, final_logprob),
         "gaps": {
             "objective": optimum.value - final["objective"],
             "improvement_error": [abs(a - b) for a, b in zip(final["improvement"], threshold)],

@@ -1,0 +1,61 @@
+"""Primal-dual's update rule and machinery, and the online pair sampler."""
+import json
+import math
+from types import SimpleNamespace
+
+import torch
+
+from dualign.config import validate
+from dualign.duality import log_space_dual_step, projected_dual_step
+from dualign.pipeline import PairData, build, run
+
+
+def test_log_space_step_follows_safe_rlhf():
+    lam = torch.tensor([1.0, 2.0, 4.9, 0.0])
+    slack = torch.tensor([-0.5, 0.3, -10.0, -1.0])  # violated, satisfied, badly violated, lambda at 0
+    updated = log_space_dual_step(lam, slack, 0.1, max_multiplier=5.0)
+    assert math.isclose(updated[0].item(), math.exp(math.log(1.0) + 0.1 * 1.0 * 0.5), rel_tol=1e-6)
+    assert math.isclose(updated[1].item(), 2.0 * math.exp(-0.1 * 2.0 * 0.3), rel_tol=1e-6)
+    assert updated[2].item() == 5.0  # capped
+    assert updated[3].item() == 0.0  # multiplicative: 0 stays 0 (hence lambda_init 1)
+    assert (log_space_dual_step(torch.tensor([1.0]), torch.tensor([50.0]), 0.1) > 0).all()  # never negative
+
+
+def test_projected_option_for_primal_dual_projects_and_caps():
+    assert torch.equal(projected_dual_step(torch.tensor([0.2, 4.0]), torch.tensor([1.0, -3.0]), 0.5, 5.0),
+                       torch.tensor([0.0, 5.0]))
+
+
+def test_primal_dual_updates_every_k_steps_with_the_configured_rule(make_cfg, tmp_path):
+    run(make_cfg("experiment=primal_dual", "algorithm.iterations=1", "policy_step.steps_per_epoch=6",
+                 "policy_step.samples_per_prompt=4", "algorithm.dual_every_steps=2"))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    history = summary["trajectory"]
+    assert len(history) == 3  # 6 steps, an update every 2
+    assert summary["initial_multipliers"] == [1.0]
+    for record in history:  # each update is the log-space rule on the running estimate since the previous one
+        lam, slack = record["multipliers_used"][0], record["estimated_slack"][0]
+        assert math.isclose(record["multipliers"][0], min(5.0, lam * math.exp(0.1 * lam * -slack)), rel_tol=1e-5)
+    assert history[1]["multipliers_used"] == history[0]["multipliers"]
+
+
+def test_online_pairs_come_from_the_current_policy_with_reference_log_probs(make_cfg):
+    setup = build(validate(make_cfg("policy_step.pairs_from=policy")))
+    task = setup.task
+    # a policy that always answers t0 t0 t0: pi_ref with +100 on t0's logit
+    policy = type(setup.reference)(setup.reference.config)
+    policy.load_state_dict(setup.reference.state_dict())
+    boost = 100.0 * torch.nn.functional.one_hot(task.allowed_token_ids[0], len(task.tokenizer)).float()
+    policy.lm_head.register_forward_hook(lambda module, inputs, out: out + boost)
+    data = PairData(setup, epochs_per_iteration=1)
+    data.trainer = SimpleNamespace(current_epoch=0, lightning_module=SimpleNamespace(policy=policy))
+    assert data.train_dataloader().dataset is setup.pairs  # iteration 0: the pi_ref pairs (the policy is pi_ref)
+    data.trainer.current_epoch = 1  # iteration 1: fresh pairs from the policy
+    batch = next(iter(data.train_dataloader()))
+    responses = batch["input_ids"][:, :, 2:]
+    assert (responses == task.allowed_token_ids[0]).all()
+    # reference log-probabilities are pi_ref's, not the policy's
+    t0_index = task.response_indices(["t0 t0 t0"])[0]
+    ref = task.enumerate_logprobs(setup.reference).detach()
+    prompt = batch["input_ids"][:, 0, 1] - task.tokenizer.convert_tokens_to_ids("p0")
+    assert torch.allclose(batch["ref_logps"][:, 0], ref[prompt, t0_index], atol=1e-5)
