@@ -59,3 +59,11 @@ def test_online_pairs_come_from_the_current_policy_with_reference_log_probs(make
     ref = task.enumerate_logprobs(setup.reference).detach()
     prompt = batch["input_ids"][:, 0, 1] - task.tokenizer.convert_tokens_to_ids("p0")
     assert torch.allclose(batch["ref_logps"][:, 0], ref[prompt, t0_index], atol=1e-5)
+
+
+def test_safety_only_run_has_no_constraint_and_raises_the_utility(make_cfg, tmp_path):
+    run(make_cfg("algorithm=fixed_lambda", "constraints=none", "reward.scorer=utility_0", "algorithm.iterations=1"))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["constraints"] == [] and summary["final_multipliers"] == []
+    assert summary["final_scores"]["utility_0"]["improvement"] > 0.05  # DPO_s optimises the utility itself
+    assert summary["final_scores"]["reward"]["improvement"] < 0  # ... at helpfulness' expense (negatively correlated)

@@ -21,7 +21,8 @@ def test_caid_moves_lambda_the_right_way_and_closes_the_slack(make_cfg, tmp_path
     shortfall = [summary["threshold"][0] - h["exact"]["improvement"][0] for h in summary["trajectory"]]
     assert lambdas[0] == 0 and lambdas[1] > 0 and lambdas[-1] > lambdas[1]
     assert shortfall[0] > 0 and abs(shortfall[-1]) < shortfall[0]
-    assert objective == summary["final"]["objective"]
+    assert objective["objective"] == summary["final"]["objective"]
+    assert objective["constraint_violation"] == [summary["threshold"][0] - summary["final"]["improvement"][0]]
 
     # files: the instance and final policy in the documented format
     instance = np.load(tmp_path / "run" / "instance.npz")

@@ -19,13 +19,18 @@ def config_dir() -> str:
     sys.exit("dualign: no config folder found (set DUALIGN_CONFIG_DIR to a folder holding train.yaml)")
 
 
-def _main(cfg: DictConfig) -> float:
+def _main(cfg: DictConfig) -> dict:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
     from .pipeline import run
 
     try:
         return run(cfg)
     except ConfigError as error:
         print(f"dualign: config error: {error}", file=sys.stderr)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # in a sweep this job fails and is recorded as failed; the sweep goes on
         sys.exit(2)
 
 

@@ -100,6 +100,8 @@ class LoggerConfig:
     tracking_uri: str = "sqlite:///outputs/mlflow.db"
     experiment_name: str = "dualign"
     run_name: Optional[str] = None
+    parent_run_id: Optional[str] = None  # set by the optuna sweeper: trials are child runs of the sweep's run
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

@@ -119,7 +119,7 @@ def solve_dual(
     for iteration in range(1, max_iterations + 1):
         gradient = current.gradient
         projected = torch.where(multipliers > 0, gradient, gradient.clamp(max=0))
-        if projected.abs().max() <= tolerance:
+        if projected.numel() == 0 or projected.abs().max() <= tolerance:  # no constraint: D is beta E log Z
             return DualSolution(multipliers, current.value.item(), gradient, iteration - 1, True)
         at_bound = (multipliers <= 1e-12) & (gradient > 0)
         free = ~at_bound

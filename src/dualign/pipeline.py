@@ -247,10 +247,12 @@ def _mlflow_logger(cfg: TrainConfig, raw: DictConfig, resume_from: Path | None):
         Path(uri[len("sqlite:///"):]).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
     id_file = resume_from.parent / "mlflow_run_id" if resume_from else None
     run_id = id_file.read_text().strip() if id_file and id_file.exists() else None
+    tags = {"algorithm": cfg.algorithm.name, "policy_step": cfg.policy_step.name, **cfg.logger.tags}
+    if cfg.logger.parent_run_id:
+        tags["mlflow.parentRunId"] = cfg.logger.parent_run_id
     logger = MLFlowLogger(
         experiment_name=cfg.logger.experiment_name, run_name=cfg.logger.run_name or cfg.algorithm.name,
-        tracking_uri=uri, tags={"algorithm": cfg.algorithm.name, "policy_step": cfg.policy_step.name},
-        run_id=run_id,
+        tracking_uri=uri, tags=tags, run_id=run_id,
     )
     if run_id is None:
         logger.log_hyperparams(report.flatten(OmegaConf.to_container(raw, resolve=True)))
@@ -274,8 +276,9 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
 
-def run(raw_cfg: DictConfig) -> float:
-    """The whole job. Returns the trained policy's exact objective J (what a sweep maximises)."""
+def run(raw_cfg: DictConfig) -> dict:
+    """The whole job. Returns the metrics a sweep optimises: the exact objective J, E[r], KL, TV to pi*, each
+    constraint's achieved improvement and `constraint_violation` (b_i - achieved_i; feasible when all <= 0)."""
     started = time.perf_counter()
     cfg = validate(raw_cfg, scorer_names=None)
     validate(raw_cfg, scorer_names=exact_scorer_names(cfg.data))
@@ -321,4 +324,9 @@ def run(raw_cfg: DictConfig) -> float:
         report.log_to_mlflow(logger, summary, files)
     print(report.table(summary))
     print(f"outputs: {output_dir.resolve()}")
-    return summary["final"]["objective"]
+    final = summary["final"]
+    metrics = {"objective": final["objective"], "reward": final["reward"], "kl": final["kl"],
+               "tv_to_optimum": final["tv_to_optimum"],
+               "constraint_violation": [-slack for slack in final["slack"]]}
+    metrics.update({f"improvement_{name}": final["improvement"][i] for i, name in enumerate(setup.names)})
+    return metrics

@@ -132,6 +132,7 @@ def log_to_mlflow(logger, summary: dict, files: list[Path]) -> None:
         metrics[f"final/lambda_{name}"] = summary["final_multipliers"][i]
         metrics[f"optimum/lambda_{name}"] = summary["optimal_multipliers"][i]
         metrics[f"gap/improvement_{name}"] = summary["gaps"]["improvement_error"][i]
+        metrics[f"final/violation_{name}"] = summary["threshold"][i] - summary["final"]["improvement"][i]
         if summary.get("one_shot"):
             metrics[f"one_shot/improvement_{name}"] = summary["one_shot"]["exact"]["improvement"][i]
     if summary.get("one_shot"):
