@@ -59,3 +59,14 @@ def test_cli_reports_bad_config_in_one_line_before_building_anything(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == "dualign: config error: beta=-1.0 must be > 0"
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("name", ["caid_eta_beta", "threshold_pareto", "pku_safety_slurm"])
+def test_ready_sweeps_compose(name, tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--config-dir", str(ROOT / "sweeps"), "--config-name", name,
+         "--cfg", "hydra", "-p", "hydra.sweeper"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "_target_" in result.stdout
