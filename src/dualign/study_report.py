@@ -342,16 +342,16 @@ def main(study: str, docs_dir: str) -> None:
             stats[run["config"]["seed"]].append((abs(run["final"]["improvement"][0] - run["threshold"][0]),
                                                  run["optimal_value"] - run["final"]["objective"]))
         error, error_std, gap, gap_std = method_summary(stats)
-        grid = sorted({r["threshold"][0] for r in parts["online_pairs"]})
-        method_rows.append(f"| caid (dpo, pairs from the current policy) | b in {grid} | {fmt(error, error_std)} | {fmt(gap, gap_std)} |")
+        grid = sorted({round(r["threshold"][0], 6) for r in parts["online_pairs"]})
+        method_rows.append(f"| caid (dpo, pairs from the current policy) | b in {{{', '.join(f'{b:g}' for b in grid)}}} | {fmt(error, error_std)} | {fmt(gap, gap_std)} |")
         if parts["thresholds"]:
             reference_stats = defaultdict(list)
             for run in parts["thresholds"]:
-                if run["threshold"][0] in grid:
+                if round(run["threshold"][0], 6) in grid:
                     reference_stats[run["config"]["seed"]].append(
                         (abs(run["final"]["improvement"][0] - run["threshold"][0]), run["optimal_value"] - run["final"]["objective"]))
             error, error_std, gap, gap_std = method_summary(reference_stats)
-            method_rows.append(f"| caid (dpo, pairs from pi_ref), same b | b in {grid} | {fmt(error, error_std)} | {fmt(gap, gap_std)} |")
+            method_rows.append(f"| caid (dpo, pairs from pi_ref), same b | b in {{{', '.join(f'{b:g}' for b in grid)}}} | {fmt(error, error_std)} | {fmt(gap, gap_std)} |")
     if parts["primal_dual"]:
         lines, stats = primal_dual_section(parts["primal_dual"], docs)
         for rule in sorted(stats):
