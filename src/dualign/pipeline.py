@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
@@ -36,12 +36,13 @@ class Setup:
     reference: torch.nn.Module
     scorers: list  # reward first, then one per constraint
     names: list[str]
-    reference_mean: torch.Tensor  # E_ref[g_i] estimated from the reference rollouts
-    threshold: torch.Tensor  # b_i, required improvements
-    one_shot: torch.Tensor  # plug-in lambda* from the reference rollouts
-    pairs: object  # preference pairs from pi_ref with cached reference log-probabilities
-    oracle: ExactOracle
-    task_scores: dict[str, torch.Tensor]  # every scorer the task offers over every (prompt, response), [P, N]
+    # filled by build() from the reference rollouts and the enumeration
+    reference_mean: torch.Tensor | None = None  # E_ref[g_i] estimated from the reference rollouts
+    threshold: torch.Tensor | None = None  # b_i, required improvements
+    one_shot: torch.Tensor | None = None  # plug-in lambda* from the reference rollouts
+    pairs: object = None  # preference pairs from pi_ref with cached reference log-probabilities
+    oracle: ExactOracle | None = None
+    task_scores: dict[str, torch.Tensor] = field(default_factory=dict)  # every task scorer over every (x, y), [P, N]
 
     def sample_and_score(self, model, prompt_index, samples: int, seed: int):
         """The one rollout path: `samples` responses per prompt from `model`, scored by reward and constraints."""
@@ -77,7 +78,7 @@ def build(cfg: TrainConfig) -> Setup:
         Negated(available[c.scorer]) if c.negate else available[c.scorer] for c in cfg.constraints.values()
     ]
     P, samples = len(task.prompts), cfg.reference.samples_per_prompt
-    setup = Setup(cfg, task, reference, scorers, names, None, None, None, None, None, {})
+    setup = Setup(cfg, task, reference, scorers, names)
 
     # pi_ref rollouts: DPO pairs, E_ref[g] and the one-shot plug-in dual all come from these samples
     rollouts, scores = setup.sample_and_score(reference, range(P), samples, seed=cfg.seed)
