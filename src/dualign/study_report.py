@@ -54,6 +54,16 @@ def optimal_curve(instance_path: Path, thresholds: np.ndarray) -> dict[str, list
     return curve
 
 
+def _save(fig, axes, path: Path, legend_size: int = 8) -> None:
+    """Grid, legend, tight layout, PNG, close: the same finish for every figure of the report."""
+    for axis in axes:
+        axis.grid(alpha=0.3, which="both")
+        axis.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    fig.clf()
+
+
 def _plt():
     import matplotlib
 
@@ -94,10 +104,7 @@ def thresholds_section(runs: list[dict], docs: Path, extra: dict[str, list[dict]
         ax.errorbar(grid, [p[0][0] for p in points], yerr=[p[0][1] for p in points], fmt=marker, capsize=3, label=label)
     ax.set(xlabel="required improvement b", ylabel="achieved improvement (exact)",
            title="achieved vs required improvement (3 seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(docs / "study_achieved_vs_threshold.png", dpi=110)
+    _save(fig, [ax], docs / "study_achieved_vs_threshold.png")
     plt.close(fig)
 
     fig, (ax, ax_j) = plt.subplots(1, 2, figsize=(11, 4.5))
@@ -119,11 +126,7 @@ def thresholds_section(runs: list[dict], docs: Path, extra: dict[str, list[dict]
     ax.set(xlabel="safety improvement over pi_ref (exact)", ylabel="E[r] (exact)", title="reward vs safety")
     ax_j.set(xlabel="safety improvement over pi_ref (exact)", ylabel="J = E[r] - beta KL (exact)",
              title="objective vs safety, with P*(b)")
-    for axis in (ax, ax_j):
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(docs / "study_reward_vs_safety.png", dpi=110)
+    _save(fig, [ax, ax_j], docs / "study_reward_vs_safety.png")
     plt.close(fig)
 
     lines = [
@@ -166,11 +169,7 @@ def primal_dual_section(runs: list[dict], docs: Path) -> tuple[list[str], dict]:
         axes[1].axhline(runs[0]["threshold"][0], color="k", ls="--", label="b")
     axes[0].set(xlabel="dual update (every 10 policy steps)", ylabel="lambda", title="primal-dual: lambda")
     axes[1].set(xlabel="dual update", ylabel="achieved improvement (exact)", title="primal-dual: constraint")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(docs / "study_primal_dual.png", dpi=110)
+    _save(fig, axes, docs / "study_primal_dual.png", legend_size=7)
     plt.close(fig)
     lines = [
         "| rule | seed | final lambda | lambda* | lambda range over the 2nd half | achieved | b | P* - J |",
@@ -224,10 +223,7 @@ def model_size_section(runs: list[dict], docs: Path) -> list[str]:
     ax.loglog(params, [max(abs(p[2]), 1e-5) for p in points], "s-", label="|P* - J|")
     ax.loglog(params, [p[3] for p in points], "^-", label="TV to pi*")
     ax.set(xlabel="policy parameters (transformer blocks)", title="parametrisation gap vs model size")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(docs / "study_model_size.png", dpi=110)
+    _save(fig, [ax], docs / "study_model_size.png")
     plt.close(fig)
     return lines
 
