@@ -4,14 +4,13 @@ import sys
 
 import pytest
 
-from dualign.config import ConfigError, exact_scorer_names, validate
+from dualign.config import ConfigError, validate
 
 from conftest import ROOT
 
 
 def check(cfg):
-    typed = validate(cfg)
-    return validate(cfg, scorer_names=exact_scorer_names(typed.data))
+    return validate(cfg)
 
 
 @pytest.mark.parametrize(

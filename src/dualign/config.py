@@ -148,7 +148,8 @@ def _positive(key: str, value, strict: bool = True) -> None:
 
 
 def validate(cfg: DictConfig | dict, scorer_names: tuple[str, ...] | None = None) -> TrainConfig:
-    """The typed config, or a ConfigError naming the first bad key. scorer_names: what the task provides."""
+    """The typed config, or a ConfigError naming the first bad key. scorer_names: what the task provides
+    (default: the exact task's scorers for the configured data)."""
     schema = OmegaConf.structured(TrainConfig)
     try:
         merged = OmegaConf.merge(schema, OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)) if isinstance(cfg, DictConfig) else cfg)
@@ -193,12 +194,12 @@ def validate(cfg: DictConfig | dict, scorer_names: tuple[str, ...] | None = None
         raise ConfigError(
             f"algorithm.dual_prompts={typed.algorithm.dual_prompts} exceeds data.num_prompts={typed.data.num_prompts}"
         )
-    if scorer_names is not None:
-        _choice("reward.scorer", typed.reward.scorer, scorer_names)
+    if scorer_names is None:
+        scorer_names = exact_scorer_names(typed.data)
+    _choice("reward.scorer", typed.reward.scorer, scorer_names)
     for name, constraint in typed.constraints.items():
         key = f"constraints.{name}"
-        if scorer_names is not None:
-            _choice(f"{key}.scorer", constraint.scorer, scorer_names)
+        _choice(f"{key}.scorer", constraint.scorer, scorer_names)
         _choice(f"{key}.threshold_type", constraint.threshold_type, THRESHOLD_TYPES)
         if constraint.step_size is not None:
             _positive(f"{key}.step_size", constraint.step_size)

@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import report
-from .config import ConfigError, TrainConfig, exact_scorer_names, validate
+from .config import ConfigError, TrainConfig, validate
 from .data import loader, preference_pairs, prompt_batches, tokenized
 from .dual_callback import DualUpdate
 from .duality import solve_dual
@@ -281,8 +281,7 @@ def run(raw_cfg: DictConfig) -> dict:
     """The whole job. Returns the metrics a sweep optimises: the exact objective J, E[r], KL, TV to pi*, each
     constraint's achieved improvement and `constraint_violation` (b_i - achieved_i; feasible when all <= 0)."""
     started = time.perf_counter()
-    cfg = validate(raw_cfg, scorer_names=None)
-    validate(raw_cfg, scorer_names=exact_scorer_names(cfg.data))
+    cfg = validate(raw_cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     _quiet_libraries()
     output_dir = Path(cfg.paths.output_dir)
