@@ -26,6 +26,7 @@ def make_cfg(tmp_path, cache_dir):
         base = [
             f"paths.output_dir={tmp_path / 'run'}",
             f"paths.cache_dir={cache_dir}",
+            f"paths.fixtures_dir={ROOT / 'tests' / 'fixtures'}",
             f"logger.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
             f"logger.enabled={str(logger).lower()}",
             "data.sft_steps=80",

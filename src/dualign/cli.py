@@ -8,7 +8,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from .config import ConfigError
+from .errors import InputError
 
 
 def config_dir() -> str:
@@ -27,8 +27,8 @@ def _main(cfg: DictConfig) -> dict:
 
     try:
         return run(cfg)
-    except ConfigError as error:
-        print(f"dualign: config error: {error}", file=sys.stderr)
+    except InputError as error:  # bad config, data or model files: one line, no traceback
+        print(f"dualign: {error.kind} error: {error}", file=sys.stderr)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # in a sweep this job fails and is recorded as failed; the sweep goes on
         sys.exit(2)

@@ -12,11 +12,15 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .errors import InputError
 from .exact_task import ExactTaskConfig, TinyModelConfig
+from .hf_models import DTYPES, HFModelConfig
+from .scorers import SCORER_KINDS, ScorerConfig
+from .text_data import FORMATS, TextDataConfig
 
 ALGORITHMS = ("caid", "one_shot", "fixed_lambda", "primal_dual")
 POLICY_STEPS = ("dpo", "exact", "policy_gradient")
-PAIR_SOURCES = ("reference", "policy")
+PAIR_SOURCES = ("reference", "policy", "dataset")
 DUAL_RULES = ("projected", "log")
 LABELS = ("soft", "hard")
 THRESHOLD_TYPES = ("improvement", "absolute")
@@ -24,8 +28,10 @@ DUAL_ESTIMATORS = ("rollout", "exact")
 SCHEDULES = ("constant", "cosine")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A bad configuration value; str() is one line naming the key."""
+
+    kind = "config"
 
 
 @dataclass
@@ -65,15 +71,32 @@ class PolicyStepConfig:
     labels: str = "soft"  # soft: expected loss under p; hard: Bernoulli(p) labels, re-drawn for every lambda
     batch_size: int = 64  # pairs per step (dpo) or prompts per step (exact)
     steps_per_epoch: int = 50  # exact and policy_gradient: passes over the prompts in one epoch
-    pairs_from: str = "reference"  # dpo: pairs sampled from pi_ref once, or from the current policy every iteration
+    pairs_from: str = "reference"  # dpo: pi_ref rollouts once | the current policy every iteration | dataset responses
     samples_per_prompt: int = 8  # policy_gradient: K responses per prompt for the RLOO estimator
 
 
 @dataclass
 class ReferenceConfig:
     samples_per_prompt: int = 128  # pi_ref rollouts per prompt: DPO pairs, E_ref[g] and the one-shot dual
+    prompts: Optional[int] = None  # how many training prompts get pi_ref rollouts (None: all; paper: 1000)
+
+
+@dataclass
+class GenerationConfig:
+    """Sampling for every rollout (pi_ref, the dual step, policy-gradient steps, evaluation)."""
     temperature: float = 1.0
     top_p: float = 1.0
+    max_new_tokens: Optional[int] = None  # None: the exact task's response length; text tasks must set it
+    batch_size: int = 4096  # sequences per generate call
+
+
+@dataclass
+class EvaluationConfig:
+    """Text tasks: responses of pi_ref and the trained policy on the test split, scored by every scorer."""
+    samples_per_prompt: int = 2
+    every_iteration: bool = False  # also evaluate after every caid iteration (logged as eval/* per iteration)
+    samples_logged: int = 20  # rows of the sample table logged to MLflow
+    policy_path: Optional[str] = None  # `python -m dualign.evaluate`: the saved policy or adapter to evaluate
 
 
 @dataclass
@@ -108,19 +131,23 @@ class LoggerConfig:
 class PathsConfig:
     output_dir: str = "outputs/run"
     cache_dir: str = "outputs/cache"
+    fixtures_dir: str = "tests/fixtures"
 
 
 @dataclass
 class TrainConfig:
     seed: int = 0
     beta: float = 1.0
-    data: ExactTaskConfig = field(default_factory=ExactTaskConfig)
-    model: TinyModelConfig = field(default_factory=TinyModelConfig)
+    data: Any = None  # ExactTaskConfig (kind: exact) or TextDataConfig (kind: pku_saferlhf | hh_rlhf | jsonl)
+    model: Any = None  # TinyModelConfig (kind: tiny_gpt2) or HFModelConfig (kind: hf)
+    scorers: dict[str, ScorerConfig] = field(default_factory=dict)  # model / callable scorers by name
     reward: RewardConfig = field(default_factory=RewardConfig)
     constraints: dict[str, ConstraintConfig] = field(default_factory=dict)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     policy_step: PolicyStepConfig = field(default_factory=PolicyStepConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -147,16 +174,44 @@ def _positive(key: str, value, strict: bool = True) -> None:
         raise ConfigError(f"{key}={value!r} must be {'>' if strict else '>='} 0")
 
 
+DATA_KINDS = {"exact": ExactTaskConfig, **{kind: TextDataConfig for kind in FORMATS}}
+MODEL_KINDS = {"tiny_gpt2": TinyModelConfig, "hf": HFModelConfig}
+
+
+def _typed_section(key: str, value, kinds: dict, default_kind: str):
+    """`data` and `model` hold one of several dataclasses, chosen by their `kind` key."""
+    value = dict(value or {})
+    kind = value.setdefault("kind", default_kind)
+    _choice(f"{key}.kind", kind, tuple(kinds))
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(kinds[kind]), value)
+        OmegaConf.to_container(merged, throw_on_missing=True)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"{key}.{_one_line(error)}") from None
+
+
 def validate(cfg: DictConfig | dict, scorer_names: tuple[str, ...] | None = None) -> TrainConfig:
     """The typed config, or a ConfigError naming the first bad key. scorer_names: what the task provides
-    (default: the exact task's scorers for the configured data)."""
+    (default: the exact task's tables plus the configured scorers)."""
     schema = OmegaConf.structured(TrainConfig)
     try:
-        merged = OmegaConf.merge(schema, OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)) if isinstance(cfg, DictConfig) else cfg)
+        container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    except OmegaConfBaseException as error:
+        raise ConfigError(_one_line(error)) from None
+    data, model = container.pop("data", None), container.pop("model", None)
+    try:
+        merged = OmegaConf.merge(schema, OmegaConf.create(container))
         OmegaConf.to_container(merged, throw_on_missing=True)
     except OmegaConfBaseException as error:
         raise ConfigError(_one_line(error)) from None
     typed: TrainConfig = OmegaConf.to_object(merged)
+    typed.data = _typed_section("data", data, DATA_KINDS, "exact")
+    typed.model = _typed_section("model", model, MODEL_KINDS, "tiny_gpt2")
+    exact = isinstance(typed.data, ExactTaskConfig)
+    if exact != isinstance(typed.model, TinyModelConfig):
+        raise ConfigError(f"model.kind={typed.model.kind!r} does not go with data.kind={typed.data.kind!r}: the exact task "
+                          "uses model=tiny_gpt2, text datasets a Hugging Face model (model.kind=hf)")
 
     _positive("beta", typed.beta)
     _choice("algorithm.name", typed.algorithm.name, ALGORITHMS)
@@ -171,6 +226,9 @@ def validate(cfg: DictConfig | dict, scorer_names: tuple[str, ...] | None = None
         _positive("algorithm.dual_every_steps", typed.algorithm.dual_every_steps)
     if typed.algorithm.name == "primal_dual" and typed.algorithm.dual_every_steps is None:
         raise ConfigError("algorithm.dual_every_steps is null; algorithm.name=primal_dual updates lambda every k steps")
+    if typed.algorithm.name == "primal_dual" and typed.policy_step.name != "policy_gradient":
+        raise ConfigError(f"algorithm.name=primal_dual needs policy_step=policy_gradient (its dual step uses the policy "
+                          f"step's own samples), not policy_step.name={typed.policy_step.name!r}")
     if typed.algorithm.initial_multiplier is not None:
         _positive("algorithm.initial_multiplier", typed.algorithm.initial_multiplier, strict=typed.algorithm.dual_rule == "log")
     if typed.policy_step.samples_per_prompt < 2:
@@ -182,20 +240,25 @@ def validate(cfg: DictConfig | dict, scorer_names: tuple[str, ...] | None = None
     _positive("optimizer.lr", typed.optimizer.lr)
     _positive("optimizer.warmup_steps", typed.optimizer.warmup_steps, strict=False)
     _positive("reference.samples_per_prompt", typed.reference.samples_per_prompt)
+    if typed.reference.prompts is not None:
+        _positive("reference.prompts", typed.reference.prompts)
     if typed.reference.samples_per_prompt % 2:
         raise ConfigError(f"reference.samples_per_prompt={typed.reference.samples_per_prompt} must be even (responses are paired)")
+    _validate_generation(typed)
+    _positive("evaluation.samples_per_prompt", typed.evaluation.samples_per_prompt)
+    _positive("evaluation.samples_logged", typed.evaluation.samples_logged, strict=False)
     if typed.algorithm.name in ("caid", "one_shot", "primal_dual") and not typed.constraints:
         raise ConfigError(f"constraints is empty; algorithm.name={typed.algorithm.name} needs at least one constraint")
     if typed.algorithm.max_multiplier is not None:
         _positive("algorithm.max_multiplier", typed.algorithm.max_multiplier)
-    if typed.data.num_response_tokens < 2 or typed.data.response_length < 1 or typed.data.num_prompts < 1:
-        raise ConfigError("data: need num_prompts >= 1, num_response_tokens >= 2 and response_length >= 1")
-    if typed.algorithm.dual_prompts > typed.data.num_prompts:
-        raise ConfigError(
-            f"algorithm.dual_prompts={typed.algorithm.dual_prompts} exceeds data.num_prompts={typed.data.num_prompts}"
-        )
+    if exact:
+        _validate_exact(typed)
+    else:
+        _validate_text(typed)
+    for name, scorer in typed.scorers.items():
+        _validate_scorer(f"scorers.{name}", scorer)
     if scorer_names is None:
-        scorer_names = exact_scorer_names(typed.data)
+        scorer_names = (exact_scorer_names(typed.data) if exact else ()) + tuple(typed.scorers)
     _choice("reward.scorer", typed.reward.scorer, scorer_names)
     for name, constraint in typed.constraints.items():
         key = f"constraints.{name}"
@@ -207,6 +270,75 @@ def validate(cfg: DictConfig | dict, scorer_names: tuple[str, ...] | None = None
             # the log-space rule multiplies lambda, so it can never leave 0
             _positive(f"{key}.initial_multiplier", constraint.initial_multiplier, strict=typed.algorithm.dual_rule == "log")
     return typed
+
+
+def _validate_generation(typed: TrainConfig) -> None:
+    generation = typed.generation
+    _positive("generation.temperature", generation.temperature)
+    if not 0 < generation.top_p <= 1:
+        raise ConfigError(f"generation.top_p={generation.top_p!r} must be in (0, 1]")
+    if generation.max_new_tokens is not None:
+        _positive("generation.max_new_tokens", generation.max_new_tokens)
+    _positive("generation.batch_size", generation.batch_size)
+
+
+def _validate_exact(typed: TrainConfig) -> None:
+    if typed.data.num_response_tokens < 2 or typed.data.response_length < 1 or typed.data.num_prompts < 1:
+        raise ConfigError("data: need num_prompts >= 1, num_response_tokens >= 2 and response_length >= 1")
+    if typed.algorithm.dual_prompts > typed.data.num_prompts:
+        raise ConfigError(
+            f"algorithm.dual_prompts={typed.algorithm.dual_prompts} exceeds data.num_prompts={typed.data.num_prompts}"
+        )
+    if typed.policy_step.pairs_from == "dataset":
+        raise ConfigError("policy_step.pairs_from=dataset needs a text dataset; the exact task has no dataset responses")
+    if typed.generation.max_new_tokens not in (None, typed.data.response_length):
+        raise ConfigError(f"generation.max_new_tokens={typed.generation.max_new_tokens} must be null or "
+                          f"data.response_length={typed.data.response_length} on the exact task")
+
+
+def _validate_text(typed: TrainConfig) -> None:
+    data, model = typed.data, typed.model
+    if typed.policy_step.name == "exact" or typed.algorithm.dual_estimator == "exact":
+        raise ConfigError("policy_step.name=exact and algorithm.dual_estimator=exact need data=exact (enumerable responses)")
+    if typed.generation.max_new_tokens is None:
+        raise ConfigError("generation.max_new_tokens is null; text tasks need a response length limit")
+    if not data.path:
+        raise ConfigError("data.path is empty; give a hub dataset name or a local folder or file")
+    if data.kind == "jsonl" and not data.response_columns:
+        raise ConfigError("data.response_columns is empty; name two response columns or one column of response lists")
+    for key in ("max_train_rows", "max_test_prompts"):
+        if getattr(data, key) is not None:
+            _positive(f"data.{key}", getattr(data, key))
+    if not model.name_or_path:
+        raise ConfigError("model.name_or_path is empty")
+    _choice("model.dtype", model.dtype, tuple(DTYPES))
+    _choice("model.use_chat_template", model.use_chat_template, ("auto", "always", "never"))
+    if "{prompt}" not in model.prompt_template:
+        raise ConfigError(f"model.prompt_template={model.prompt_template!r} has no {{prompt}} field")
+    _positive("model.max_prompt_length", model.max_prompt_length)
+    if model.max_length <= model.max_prompt_length:
+        raise ConfigError(f"model.max_length={model.max_length} must exceed model.max_prompt_length={model.max_prompt_length}")
+    if model.lora.enabled:
+        _positive("model.lora.r", model.lora.r)
+        _positive("model.lora.alpha", model.lora.alpha)
+        if not 0 <= model.lora.dropout < 1:
+            raise ConfigError(f"model.lora.dropout={model.lora.dropout!r} must be in [0, 1)")
+
+
+def _validate_scorer(key: str, scorer: ScorerConfig) -> None:
+    _choice(f"{key}.kind", scorer.kind, SCORER_KINDS)
+    if scorer.kind == "callable":
+        if not scorer._target_:
+            raise ConfigError(f"{key}._target_ is empty; kind=callable needs the dotted path of a function or class")
+        return
+    if not scorer.name_or_path:
+        raise ConfigError(f"{key}.name_or_path is empty; kind={scorer.kind} loads a model")
+    if "{response}" not in scorer.template:
+        raise ConfigError(f"{key}.template={scorer.template!r} has no {{response}} field")
+    _choice(f"{key}.output", scorer.output, ("logit", "probability"))
+    _choice(f"{key}.dtype", scorer.dtype, tuple(DTYPES))
+    _positive(f"{key}.batch_size", scorer.batch_size)
+    _positive(f"{key}.max_length", scorer.max_length)
 
 
 def exact_scorer_names(data: ExactTaskConfig) -> tuple[str, ...]:

@@ -61,8 +61,10 @@ def sequence_logprobs(model, input_ids, attention_mask, response_mask, allowed_t
     out = []
     for start in range(0, input_ids.shape[0], batch_size):
         part = slice(start, start + batch_size)
-        logits = model(input_ids=input_ids[part].to(device), attention_mask=attention_mask[part].to(device)).logits
-        out.append(response_logprobs(logits, input_ids[part].to(device), response_mask[part].to(device), allowed_token_ids).cpu())
+        width = int(attention_mask[part].sum(-1).max())  # right padding: columns past the longest row are padding
+        ids, mask = input_ids[part, :width].to(device), attention_mask[part, :width].to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        out.append(response_logprobs(logits, ids, response_mask[part, :width].to(device), allowed_token_ids).float().cpu())
     return torch.cat(out)
 
 
@@ -86,15 +88,18 @@ def preference_pairs(
     num_iterations: int,
     seed: int,
     allowed_token_ids: torch.Tensor | None = None,
+    ref_logps: torch.Tensor | None = None,
+    batch_size: int = 1024,
 ) -> TensorBatches:
     """Pairs (y0, y1) = consecutive rollouts of the same prompt, with their scores ([1 + m, n]: reward first) and
-    reference log-probabilities computed once here and reused by every iteration and epoch."""
+    reference log-probabilities computed once here (or given, from a cache) and reused by every iteration and epoch."""
     n = len(rollouts.response_ids)
     first, second = torch.arange(0, n, 2), torch.arange(1, n, 2)
     if not torch.equal(rollouts.prompt_index[first], rollouts.prompt_index[second]):
         raise ValueError("rollouts must hold an even number of responses per prompt to be paired")
     input_ids, attention_mask, response_mask = tokenized(prompt_ids, rollouts, pad_id)
-    ref_logps = sequence_logprobs(reference, input_ids, attention_mask, response_mask, allowed_token_ids)
+    if ref_logps is None:
+        ref_logps = sequence_logprobs(reference, input_ids, attention_mask, response_mask, allowed_token_ids, batch_size)
     pair = lambda t: torch.stack([t[first], t[second]], dim=1)  # noqa: E731
     # one column of uniforms per iteration, each from its own seed, so a column does not depend on the run's length
     uniforms = [torch.rand(len(first), generator=torch.Generator().manual_seed(50_000 + 1_000 * seed + t))

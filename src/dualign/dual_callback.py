@@ -33,6 +33,7 @@ class DualUpdate(L.Callback):
         evaluator: Callable[[torch.nn.Module], dict] | None = None,
         rule: str = "projected",
         every_n_steps: int | None = None,
+        evaluation_name: str = "exact",
     ):
         self.estimator, self.names, self.update = estimator, names, update
         self.reference_mean = torch.as_tensor(reference_mean, dtype=torch.float32)
@@ -40,6 +41,7 @@ class DualUpdate(L.Callback):
         self.step_size = torch.as_tensor(step_size, dtype=torch.float32)
         self.epochs_per_iteration, self.max_multiplier, self.evaluator = epochs_per_iteration, max_multiplier, evaluator
         self.rule, self.every_n_steps = DUAL_STEPS[rule], every_n_steps
+        self.evaluation_name = evaluation_name  # the evaluator's record key and metric prefix (exact/, eval/)
         self.iteration = 0
         self.history: list[dict] = []
         self._running = None  # (sum [m], count) since the last step-triggered update
@@ -90,7 +92,7 @@ class DualUpdate(L.Callback):
             "multipliers": module.multipliers.detach().cpu().tolist(),
         }
         if self.evaluator is not None:
-            record["exact"] = self.evaluator(module.policy)
+            record[self.evaluation_name] = self.evaluator(module.policy)
         self.history.append(record)
         self.iteration += 1
         metrics = {}
@@ -98,11 +100,12 @@ class DualUpdate(L.Callback):
             metrics[f"dual/lambda_{name}"] = record["multipliers"][i]
             metrics[f"dual/improvement_{name}"] = record["estimated_improvement"][i]
             metrics[f"dual/slack_{name}"] = record["estimated_slack"][i]
-        for key, value in record.get("exact", {}).items():
+        prefix = self.evaluation_name
+        for key, value in record.get(prefix, {}).items():
             if isinstance(value, list):  # one value per constraint
-                metrics.update({f"exact/{key}_{name}": value[i] for i, name in enumerate(self.names)})
+                metrics.update({f"{prefix}/{key}_{name}": value[i] for i, name in enumerate(self.names)})
             else:
-                metrics[f"exact/{key}"] = value
+                metrics[f"{prefix}/{key}"] = value
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=self.iteration)
 

@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, AutoTokenizer, GPT2
 
 @dataclass
 class ExactTaskConfig:
+    kind: str = "exact"
     num_prompts: int = 16
     num_response_tokens: int = 8
     response_length: int = 3
@@ -39,6 +40,7 @@ class ExactTaskConfig:
 
 @dataclass
 class TinyModelConfig:
+    kind: str = "tiny_gpt2"
     n_layer: int = 2
     n_embd: int = 64
     n_head: int = 4
@@ -111,6 +113,12 @@ class ExactTask:
         self.reward_table, self.utility_tables = _seeded_tables(cfg)
         self._prompt_lookup = {p: i for i, p in enumerate(self.prompts)}
         self._token_lookup = {t: k for k, t in enumerate(self.alphabet)}
+
+    @property
+    def max_new_tokens(self) -> int:  # every response has exactly response_length tokens
+        return self.cfg.response_length
+
+    min_new_tokens = max_new_tokens
 
     @property
     def num_responses(self) -> int:

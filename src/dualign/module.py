@@ -18,6 +18,13 @@ class AlignmentModule(L.LightningModule):
         self.optimizer_cfg = optimizer
         self.epochs_per_iteration = epochs_per_iteration
         self.register_buffer("multipliers", torch.as_tensor(multipliers, dtype=torch.float32).clone())
+        # with LoRA the base weights are frozen and equal pi_ref: checkpoints hold only what training changes
+        self.frozen = {f"policy.{name}" for name, p in policy.named_parameters() if not p.requires_grad}
+        self.strict_loading = not self.frozen
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        for key in self.frozen:
+            checkpoint["state_dict"].pop(key, None)
 
     @property
     def iteration(self) -> int:

@@ -17,7 +17,7 @@ from .config import ConfigError, TrainConfig, validate
 from .data import loader, preference_pairs, prompt_batches, tokenized
 from .dual_callback import DualUpdate
 from .duality import solve_dual
-from .exact_task import ExactTask, reference_policy
+from .exact_task import ExactTask, ExactTaskConfig, reference_policy
 from .module import AlignmentModule
 from .oracle import ExactOracle, Instance
 from .policy_steps import DPOStep, ExactStep, PolicyGradientStep
@@ -29,65 +29,112 @@ log = logging.getLogger("dualign")
 
 @dataclass
 class Setup:
-    """Everything the algorithms share on one instance."""
+    """Everything the algorithms share on one instance: the task (exact or text), pi_ref, the scorers, and what the
+    pi_ref rollouts give (E_ref[g], thresholds, the one-shot lambda, DPO pairs)."""
 
     cfg: TrainConfig
-    task: ExactTask
-    reference: torch.nn.Module
-    scorers: list  # reward first, then one per constraint
-    names: list[str]
-    # filled by build() from the reference rollouts and the enumeration
+    task: object = None  # ExactTask or TextTask: prompts, prompt_token_ids, tokenizer, response length
+    reference: torch.nn.Module | None = None
+    scorers: list = field(default_factory=list)  # reward first, then one utility per constraint
+    names: list[str] = field(default_factory=list)
+    raw_scorers: dict = field(default_factory=dict)  # text tasks: each used scorer by name, before negation
+    policy: torch.nn.Module | None = None  # text tasks: the loaded policy (with LoRA, pi_ref is a view of it)
+    reference_prompts: list[int] | None = None  # prompts with pi_ref rollouts (None: all)
+    # filled by build() from the reference rollouts (and, on the exact task, the enumeration)
     reference_mean: torch.Tensor | None = None  # E_ref[g_i] estimated from the reference rollouts
     threshold: torch.Tensor | None = None  # b_i, required improvements
     one_shot: torch.Tensor | None = None  # plug-in lambda* from the reference rollouts
-    pairs: object = None  # preference pairs from pi_ref with cached reference log-probabilities
-    oracle: ExactOracle | None = None
-    task_scores: dict[str, torch.Tensor] = field(default_factory=dict)  # every task scorer over every (x, y), [P, N]
+    pairs: object = None  # preference pairs with cached reference log-probabilities
+    oracle: ExactOracle | None = None  # exact task only
+    task_scores: dict[str, torch.Tensor] = field(default_factory=dict)  # exact task: every table, [P, N]
+    evaluator: object = None  # text tasks: the TextEvaluator, once built
 
-    def sample_and_score(self, model, prompt_index, samples: int, seed: int):
-        """The one rollout path: `samples` responses per prompt from `model`, scored by reward and constraints."""
+    @property
+    def exact(self) -> bool:
+        return isinstance(self.task, ExactTask)
+
+    def thresholds(self, reference_mean: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([c.threshold if c.threshold_type == "improvement" else c.threshold - reference_mean[i].item()
+                             for i, c in enumerate(self.cfg.constraints.values())])
+
+    def sample_and_score(self, model, prompt_index, samples: int, seed: int, prompt_set=None, score: bool = True):
+        """The one rollout path: `samples` responses per prompt from `model`, scored by reward and constraints
+        ([1 + m, n]; None when score=False). prompt_set: the task's training prompts unless given (test prompts)."""
         task, cfg = self.task, self.cfg
+        source = prompt_set or task
         chosen = [int(i) for i in prompt_index]
+        length = task.max_new_tokens
         rollouts = sample_responses(
-            model, task.tokenizer, [task.prompts[i] for i in chosen], [task.prompt_token_ids[i] for i in chosen],
-            samples, task.cfg.response_length, seed=seed, temperature=cfg.reference.temperature,
-            top_p=cfg.reference.top_p, min_new_tokens=task.cfg.response_length, allowed_token_ids=task.allowed_token_ids,
+            model, task.tokenizer, [source.prompts[i] for i in chosen], [source.prompt_token_ids[i] for i in chosen],
+            samples, length, seed=seed, temperature=cfg.generation.temperature, top_p=cfg.generation.top_p,
+            min_new_tokens=task.min_new_tokens, allowed_token_ids=task.allowed_token_ids,
+            batch_size=cfg.generation.batch_size,
         )
-        rollouts.prompt_index = torch.tensor(chosen)[rollouts.prompt_index]  # back to task prompt indices
-        return rollouts, score_all(self.scorers, rollouts.prompts, rollouts.responses)
+        rollouts.prompt_index = torch.tensor(chosen, dtype=torch.long)[rollouts.prompt_index]  # back to task indices
+        return rollouts, score_all(self.scorers, rollouts.prompts, rollouts.responses) if score else None
 
-    def pairs_from(self, model, num_iterations: int, seed: int):
-        """Preference pairs from `model`'s rollouts, with reference log-probabilities computed once for them."""
-        rollouts, scores = self.sample_and_score(model, range(len(self.task.prompts)),
-                                                 self.cfg.reference.samples_per_prompt, seed)
+    def pairs_with_reference(self, rollouts, scores, cache_key: dict | None = None):
+        """DPO pairs (consecutive responses of a prompt) with reference log-probabilities computed once for them
+        (text tasks: cached on disk under cache_key)."""
+        ref_logps = None
+        if cache_key is not None and not self.exact:
+            from .text_task import reference_logps
+
+            ref_logps = reference_logps(self, rollouts, self.task.prompt_token_ids, cache_key)
         return preference_pairs(self.task.prompt_token_ids, rollouts, scores, self.reference,
-                                self.task.tokenizer.pad_token_id, num_iterations, seed, self.task.allowed_token_ids)
+                                self.task.tokenizer.pad_token_id, self.cfg.algorithm.iterations, self.cfg.seed,
+                                self.task.allowed_token_ids, ref_logps=ref_logps,
+                                batch_size=1024 if self.exact else 2 * self.cfg.policy_step.batch_size)
 
+    def pairs_from(self, model, seed: int):
+        """Preference pairs from `model`'s rollouts on the reference prompts (pairs_from=policy)."""
+        prompts = self.reference_prompts if self.reference_prompts is not None else range(len(self.task.prompts))
+        rollouts, scores = self.sample_and_score(model, prompts, self.cfg.reference.samples_per_prompt, seed)
+        return self.pairs_with_reference(rollouts, scores)
 
-def _thresholds(cfg: TrainConfig, reference_mean: torch.Tensor) -> torch.Tensor:
-    return torch.tensor([c.threshold if c.threshold_type == "improvement" else c.threshold - reference_mean[i].item()
-                         for i, c in enumerate(cfg.constraints.values())])
+    def new_policy(self) -> torch.nn.Module:
+        """A trainable policy starting at pi_ref. Text tasks hand out the loaded policy first (with LoRA, the
+        reference is that network with adapters off), then fresh loads (the one-shot comparison)."""
+        if self.exact:
+            policy = type(self.reference)(self.reference.config)
+            policy.load_state_dict(self.reference.state_dict())
+            return policy
+        if self.policy is not None:
+            policy, self.policy = self.policy, None
+            return policy
+        from .hf_models import load_policy
+
+        return load_policy(self.cfg.model)
 
 
 def build(cfg: TrainConfig) -> Setup:
+    setup = Setup(cfg)
+    if not isinstance(cfg.data, ExactTaskConfig):
+        from .text_task import build_text
+
+        build_text(setup)
+        return setup
     task = ExactTask(cfg.data)
     reference = reference_policy(task, cfg.model, cfg.paths.cache_dir)
     available = task.scorers()
+    if cfg.scorers:  # callables (or models) configured beside the tables
+        from .text_task import load_scorers
+
+        available.update({name: scorer for name, scorer in load_scorers(cfg)[0].items() if name not in available})
     names = list(cfg.constraints)
     scorers = [available[cfg.reward.scorer]] + [
         Negated(available[c.scorer]) if c.negate else available[c.scorer] for c in cfg.constraints.values()
     ]
     P, samples = len(task.prompts), cfg.reference.samples_per_prompt
-    setup = Setup(cfg, task, reference, scorers, names)
+    setup.task, setup.reference, setup.scorers, setup.names = task, reference, scorers, names
 
     # pi_ref rollouts: DPO pairs, E_ref[g] and the one-shot plug-in dual all come from these samples
     rollouts, scores = setup.sample_and_score(reference, range(P), samples, seed=cfg.seed)
     reward, utility = scores[0].view(P, samples), scores[1:].view(len(names), P, samples)
     setup.reference_mean = utility.mean(dim=(1, 2))
-    setup.threshold = _thresholds(cfg, setup.reference_mean)
+    setup.threshold = setup.thresholds(setup.reference_mean)
     setup.one_shot = solve_dual(reward, utility, setup.reference_mean, setup.threshold, cfg.beta).multipliers.float()
-    setup.pairs = preference_pairs(task.prompt_token_ids, rollouts, scores, reference, task.tokenizer.pad_token_id,
-                                   cfg.algorithm.iterations, cfg.seed, task.allowed_token_ids)
+    setup.pairs = setup.pairs_with_reference(rollouts, scores)
 
     # the exact instance: every response of every prompt, scored by the same scorers
     all_prompts = [p for p in task.prompts for _ in task.responses]
@@ -95,9 +142,9 @@ def build(cfg: TrainConfig) -> Setup:
     with torch.no_grad():
         ref_logprob = task.enumerate_logprobs(reference)
     exact_reference_mean = (ref_logprob.exp() * all_scores[1:]).sum(-1).mean(-1)
-    instance = Instance(ref_logprob, all_scores[0], all_scores[1:], cfg.beta, _thresholds(cfg, exact_reference_mean))
+    instance = Instance(ref_logprob, all_scores[0], all_scores[1:], cfg.beta, setup.thresholds(exact_reference_mean))
     setup.oracle = ExactOracle(instance)
-    setup.task_scores = {name: scorer.table for name, scorer in available.items()}
+    setup.task_scores = {name: scorer.table for name, scorer in task.scorers().items()}
     return setup
 
 
@@ -134,6 +181,14 @@ def _exact_evaluator(setup: Setup):
     return evaluate
 
 
+def _text_evaluator(setup: Setup):
+    if setup.evaluator is None:
+        from .evaluate import TextEvaluator
+
+        setup.evaluator = TextEvaluator(setup)
+    return setup.evaluator
+
+
 class PairData(L.LightningDataModule):
     """DPO pairs: drawn from pi_ref once (the paper), or from the current policy at the start of every iteration
     (`pairs_from: policy`; Lightning reloads the dataloader every E epochs)."""
@@ -147,8 +202,7 @@ class PairData(L.LightningDataModule):
         pairs = self.setup_.pairs
         iteration = self.trainer.current_epoch // self.epochs if self.trainer else 0
         if cfg.policy_step.pairs_from == "policy" and iteration > 0:  # iteration 0: the policy is pi_ref
-            pairs = self.setup_.pairs_from(self.trainer.lightning_module.policy, cfg.algorithm.iterations,
-                                           seed=90_000 + 1_000 * cfg.seed + iteration)
+            pairs = self.setup_.pairs_from(self.trainer.lightning_module.policy, seed=90_000 + 1_000 * cfg.seed + iteration)
         return loader(pairs, cfg.policy_step.batch_size, cfg.seed)
 
 
@@ -178,8 +232,7 @@ def train_policy(setup: Setup, multipliers: torch.Tensor, algorithm: str, iterat
     primal_dual: every k optimiser steps; one_shot / fixed_lambda: lambda fixed, the constraint measured at the end.
     Returns the trained policy and the DualUpdate callback (its history is the lambda trajectory)."""
     cfg = setup.cfg
-    policy = type(setup.reference)(setup.reference.config)
-    policy.load_state_dict(setup.reference.state_dict())
+    policy = setup.new_policy()
     policy.train()
     step, data = _policy_step_and_data(setup, epochs)
     if cfg.algorithm.dual_estimator == "exact":  # exact E_pi[g] against the exact E_ref[g]
@@ -187,10 +240,14 @@ def train_policy(setup: Setup, multipliers: torch.Tensor, algorithm: str, iterat
         threshold = setup.oracle.instance.threshold
     else:
         estimator, reference_mean, threshold = _rollout_estimator(setup), setup.reference_mean, setup.threshold
+    if setup.exact:
+        evaluator, evaluation_name = _exact_evaluator(setup), "exact"
+    else:  # test-split evaluation after every iteration only when asked (it costs rollouts of pi and pi_ref)
+        evaluator, evaluation_name = (_text_evaluator(setup) if cfg.evaluation.every_iteration else None), "eval"
     dual = DualUpdate(
         estimator, setup.names, reference_mean, threshold, step_sizes(cfg), epochs,
         update=algorithm in ("caid", "primal_dual"), max_multiplier=cfg.algorithm.max_multiplier,
-        evaluator=_exact_evaluator(setup), rule=cfg.algorithm.dual_rule,
+        evaluator=evaluator, evaluation_name=evaluation_name, rule=cfg.algorithm.dual_rule,
         every_n_steps=cfg.algorithm.dual_every_steps if algorithm == "primal_dual" else None,
     )
     module = AlignmentModule(policy, step, multipliers, cfg.optimizer, epochs)
@@ -236,7 +293,7 @@ def initial_multipliers(setup: Setup) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32)
 
 
-def _mlflow_logger(cfg: TrainConfig, raw: DictConfig, resume_from: Path | None):
+def _mlflow_logger(cfg: TrainConfig, raw: DictConfig, resume_from: Path | None, run_name: str | None = None):
     """MLFlowLogger on the configured store. A run resumed from a checkpoint continues the MLflow run whose id was
     saved beside it (params are immutable in MLflow, so they are logged once, by the first run)."""
     if not cfg.logger.enabled:
@@ -252,7 +309,7 @@ def _mlflow_logger(cfg: TrainConfig, raw: DictConfig, resume_from: Path | None):
     if cfg.logger.parent_run_id:
         tags["mlflow.parentRunId"] = cfg.logger.parent_run_id
     logger = MLFlowLogger(
-        experiment_name=cfg.logger.experiment_name, run_name=cfg.logger.run_name or cfg.algorithm.name,
+        experiment_name=cfg.logger.experiment_name, run_name=cfg.logger.run_name or run_name or cfg.algorithm.name,
         tracking_uri=uri, tags=tags, run_id=run_id,
     )
     if run_id is None:
@@ -269,12 +326,17 @@ def _quiet_libraries() -> None:
 
     from transformers.utils import logging as hf_logging
 
+    import datasets
+
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft asks transformers 5 the old way
 
 
 def run(raw_cfg: DictConfig) -> dict:
@@ -295,6 +357,8 @@ def run(raw_cfg: DictConfig) -> dict:
 
     setup = build(cfg)
     timings = {"setup (pi_ref, rollouts, one-shot solve)": time.perf_counter() - started}
+    if not setup.exact and cfg.evaluation.every_iteration:
+        _text_evaluator(setup)  # pi_ref's test responses, before training starts
     multipliers = initial_multipliers(setup)
     algorithm = cfg.algorithm
     if algorithm.name in ("caid", "primal_dual"):
@@ -305,17 +369,23 @@ def run(raw_cfg: DictConfig) -> dict:
     policy, dual, _ = train_policy(setup, multipliers, algorithm.name, iterations, epochs, output_dir, logger, ckpt_path)
     timings[f"{algorithm.name} training"] = time.perf_counter() - tic
 
-    comparison = None
+    comparison_policy = None
     if algorithm.name == "caid" and algorithm.compare_one_shot:
         tic = time.perf_counter()
-        one_shot_policy, one_shot_dual, _ = train_policy(setup, setup.one_shot.clone(), "one_shot", 1,
-                                                         iterations * epochs, output_dir / "one_shot", None)
+        comparison_policy, one_shot_dual, _ = train_policy(setup, setup.one_shot.clone(), "one_shot", 1,
+                                                           iterations * epochs, output_dir / "one_shot", None)
+        timings["one_shot comparison training"] = time.perf_counter() - tic
+    if not setup.exact:
+        from .evaluate import finish_text_run
+
+        return finish_text_run(setup, policy, dual, comparison_policy, timings, output_dir, logger, raw_cfg)
+
+    comparison = None
+    if comparison_policy is not None:
         with torch.no_grad():
-            one_shot_logprob = setup.task.enumerate_logprobs(one_shot_policy).double()
+            one_shot_logprob = setup.task.enumerate_logprobs(comparison_policy).double()
         comparison = {"multipliers": setup.one_shot.tolist(), "exact": one_shot_dual.history[-1]["exact"],
                       "scores": report.task_score_means(setup, one_shot_logprob)}
-        timings["one_shot comparison training"] = time.perf_counter() - tic
-
     with torch.no_grad():
         final_logprob = setup.task.enumerate_logprobs(policy).double()
     summary = report.summarise(setup, dual.history, final_logprob, comparison, timings)

@@ -22,9 +22,10 @@ class DPOStep:
         self.beta, self.labels, self.allowed_token_ids = beta, labels, allowed_token_ids
 
     def __call__(self, policy, batch, multipliers, iteration, global_step=0):
-        input_ids = batch["input_ids"]
-        pairs, length = input_ids.shape[0], input_ids.shape[-1]
-        flat = lambda t: t.reshape(2 * pairs, length)  # noqa: E731
+        width = int(batch["attention_mask"].sum(-1).max())  # pairs are right-padded to the dataset's longest row
+        input_ids = batch["input_ids"][..., :width]
+        pairs = input_ids.shape[0]
+        flat = lambda t: t[..., :width].reshape(2 * pairs, width)  # noqa: E731
         logits = policy(input_ids=flat(input_ids), attention_mask=flat(batch["attention_mask"])).logits
         logps = response_logprobs(logits, flat(input_ids), flat(batch["response_mask"]), self.allowed_token_ids)
         logps = logps.view(pairs, 2)

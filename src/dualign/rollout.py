@@ -1,4 +1,6 @@
-"""The rollout path: sample K responses per prompt from a causal LM (batched, KV cache through `generate`)."""
+"""The rollout path: sample K responses per prompt from a causal LM (batched with length-sorted prompts, KV cache
+through `generate`), and the rollout stage's on-disk form (a `datasets` dataset with prompts, responses, token
+counts and scores)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,7 +12,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 @dataclass
 class Rollouts:
     prompt_index: torch.Tensor  # [n] index of the prompt each response answers
-    response_ids: list[list[int]]  # generated tokens, padding and EOS removed
+    response_ids: list[list[int]]  # generated tokens up to and including EOS (the stop is part of the response)
     prompts: list[str]
     responses: list[str]
 
@@ -42,18 +44,23 @@ def sample_responses(
     allowed_token_ids: torch.Tensor | None = None,
     batch_size: int = 4096,
 ) -> Rollouts:
-    """num_samples responses for every prompt, prompt-major order. Deterministic for a given seed."""
+    """num_samples responses for every prompt, prompt-major order. Deterministic for a given seed.
+
+    Prompts are grouped by length (left padding only up to the longest prompt of each batch) and every batch of
+    `batch_size` sequences is one `generate` call, so the KV cache serves all K samples of a prompt together."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
     processors = LogitsProcessorList([AllowedTokens(allowed_token_ids.to(device))] if allowed_token_ids is not None else [])
     prompts_per_batch = max(1, batch_size // num_samples)
-    index, generated = [], []
+    by_length = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))  # stable: equal lengths keep order
+    outputs: dict[int, list[list[int]]] = {}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        for start in range(0, len(prompt_ids), prompts_per_batch):
-            chunk = prompt_ids[start : start + prompts_per_batch]
+        for start in range(0, len(by_length), prompts_per_batch):
+            members = by_length[start : start + prompts_per_batch]
+            chunk = [prompt_ids[i] for i in members]
             width = max(len(ids) for ids in chunk)
             input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in chunk], device=device)  # left padding
             attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk], device=device)
@@ -73,10 +80,11 @@ def sample_responses(
             )
             for row, tokens in enumerate(output[:, width:].tolist()):
                 if tokenizer.eos_token_id in tokens:
-                    tokens = tokens[: tokens.index(tokenizer.eos_token_id)]
-                generated.append(tokens)
-                index.append(start + row // num_samples)
+                    tokens = tokens[: tokens.index(tokenizer.eos_token_id) + 1]
+                outputs.setdefault(members[row // num_samples], []).append(tokens)
     model.train(was_training)
+    index = [i for i in range(len(prompt_ids)) for _ in range(num_samples)]
+    generated = [tokens for i in range(len(prompt_ids)) for tokens in outputs[i]]
     prompt_index = torch.tensor(index)
     return Rollouts(
         prompt_index=prompt_index,
@@ -84,3 +92,33 @@ def sample_responses(
         prompts=[prompts[i] for i in index],
         responses=tokenizer.batch_decode(generated, skip_special_tokens=True),
     )
+
+
+def to_dataset(rollouts: Rollouts, scores: torch.Tensor, names: list[str]):
+    """The rollout stage's stored form: one row per response, with its prompt, token count and every score."""
+    import datasets
+
+    columns = {
+        "prompt_index": rollouts.prompt_index.tolist(),
+        "prompt": rollouts.prompts,
+        "response": rollouts.responses,
+        "response_ids": rollouts.response_ids,
+        "response_tokens": [len(ids) for ids in rollouts.response_ids],
+    }
+    columns.update({f"score/{name}": scores[i].tolist() for i, name in enumerate(names)})
+    return datasets.Dataset.from_dict(columns)
+
+
+def from_dataset(dataset, names: list[str], expected_rows: int | None = None) -> tuple[Rollouts, torch.Tensor]:
+    """Back from the stored form; raises ValueError when rows or score columns are not what the caller expects."""
+    missing = [c for c in ["prompt_index", "prompt", "response", "response_ids"] + [f"score/{n}" for n in names]
+               if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"rollout dataset lacks column {missing[0]!r}")
+    if expected_rows is not None and len(dataset) != expected_rows:
+        raise ValueError(f"rollout dataset has {len(dataset)} rows, expected {expected_rows}")
+    columns = dataset.to_dict()
+    rollouts = Rollouts(torch.tensor(columns["prompt_index"], dtype=torch.long), columns["response_ids"],
+                        columns["prompt"], columns["response"])
+    scores = torch.tensor([columns[f"score/{n}"] for n in names], dtype=torch.float32).reshape(len(names), len(dataset))
+    return rollouts, scores

@@ -1,0 +1,205 @@
+"""Hugging Face policies: any AutoModelForCausalLM by hub name or local path, LoRA through peft, the reference
+policy (the same network with adapters disabled, or a frozen copy), prompt tokenization and standard saving."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from omegaconf import MISSING
+
+from .errors import LoadError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+@dataclass
+class LoraSettings:
+    enabled: bool = True
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: Any = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])  # or "all-linear"
+
+
+@dataclass
+class HFModelConfig:
+    kind: str = "hf"
+    name_or_path: str = MISSING  # hub name or local folder
+    revision: Optional[str] = None
+    tokenizer: Optional[str] = None  # default: name_or_path
+    dtype: str = "auto"  # float32 | bfloat16 | float16 | auto (the checkpoint's)
+    device: str = "auto"  # where pi_ref works before training (rollouts, reference log-probs); Lightning places the policy
+    trust_remote_code: bool = False  # off unless you trust the checkpoint's code
+    gradient_checkpointing: bool = False
+    disable_dropout: bool = True  # as TRL: dropout makes the policy and reference log-probs disagree at init
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    prompt_template: str = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"  # used when no chat template applies
+    use_chat_template: str = "auto"  # auto: when the tokenizer has one | always | never
+    max_prompt_length: int = 256  # prompts are cut from the left (the question is at the end)
+    max_length: int = 512  # prompt + response tokens
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(name: str):
+    return DTYPES[name]
+
+
+def load_pretrained(cls, name_or_path: str, key: str, **kwargs):
+    """cls.from_pretrained with one clear line when the files are not there (offline, wrong path, no weights)."""
+    try:
+        return cls.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError, KeyError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise LoadError(f"{key}.name_or_path={name_or_path!r}: cannot load {getattr(cls, '__name__', cls)} ({first}); "
+                        "offline, pass a local folder (see README: pre-downloading)") from None
+
+
+def fingerprint(name_or_path: str, revision: str | None = None) -> str:
+    """Identifies a checkpoint for cache keys: a local folder by its config and weight files' names and sizes,
+    a hub name by name and revision."""
+    folder = Path(name_or_path)
+    if not folder.is_dir():
+        return f"{name_or_path}@{revision or 'main'}"
+    digest = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        if path.name.endswith((".json", ".model")):
+            digest.update(path.name.encode() + path.read_bytes())
+        elif path.suffix in (".safetensors", ".bin", ".pt"):
+            digest.update(f"{path.name}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode())
+    return f"{folder.resolve()}#{digest.hexdigest()[:16]}"
+
+
+def load_tokenizer(cfg: HFModelConfig):
+    from transformers import AutoTokenizer
+
+    tokenizer = load_pretrained(AutoTokenizer, cfg.tokenizer or cfg.name_or_path, "model", revision=cfg.revision,
+                                trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    if tokenizer.eos_token_id is None:
+        raise LoadError(f"model.tokenizer of {cfg.name_or_path!r} has no EOS token; responses could never end")
+    tokenizer.padding_side = "left"  # decoder-only generation; the loss batches are padded on the right by hand
+    return tokenizer
+
+
+class PromptFormatter:
+    """Prompt and response token ids for one policy tokenizer: the chat template when there is one (and it is
+    allowed), else the configured template; prompts cut from the left, responses end with EOS."""
+
+    def __init__(self, tokenizer, cfg: HFModelConfig):
+        self.tokenizer, self.cfg = tokenizer, cfg
+        has_template = getattr(tokenizer, "chat_template", None) is not None
+        if cfg.use_chat_template == "always" and not has_template:
+            raise LoadError(f"model.use_chat_template=always but the tokenizer of {cfg.name_or_path!r} has no chat template")
+        self.chat = cfg.use_chat_template == "always" or (cfg.use_chat_template == "auto" and has_template)
+
+    def prompt_ids(self, example) -> list[int]:
+        if self.chat:
+            text = self.tokenizer.apply_chat_template(example.messages, add_generation_prompt=True, tokenize=False)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = self.tokenizer(self.cfg.prompt_template.format(prompt=example.prompt))["input_ids"]
+        return ids[-self.cfg.max_prompt_length:]
+
+    def response_ids(self, response: str, prompt_length: int) -> list[int]:
+        ids = self.tokenizer(response, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+        return ids[: max(1, self.cfg.max_length - prompt_length)]
+
+
+def _disable_dropout(model) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def load_causal_lm(cfg: HFModelConfig, path: str | None = None):
+    from transformers import AutoModelForCausalLM
+
+    model = load_pretrained(AutoModelForCausalLM, path or cfg.name_or_path, "model", revision=cfg.revision,
+                            dtype=resolve_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code)
+    if cfg.disable_dropout:
+        _disable_dropout(model)
+    return model
+
+
+def load_policy(cfg: HFModelConfig):
+    """The trainable policy, starting at pi_ref: LoRA adapters (identity at init) on the base model, or the full model."""
+    model = load_causal_lm(cfg).to(resolve_device(cfg.device))
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not cfg.lora.enabled:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    target = cfg.lora.target_modules
+    target = list(target) if not isinstance(target, str) else target
+    try:
+        return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
+                                                lora_dropout=cfg.lora.dropout, target_modules=target))
+    except ValueError as error:  # e.g. target modules that the architecture does not have
+        raise LoadError(f"model.lora.target_modules={target}: {str(error).splitlines()[0]}") from None
+
+
+class AdapterDisabled(torch.nn.Module):
+    """pi_ref as a view of a LoRA policy: the same network with its adapters off (no second copy in memory), always
+    in eval mode. Its forward and generate match the base model exactly because LoRA only adds to it."""
+
+    def __init__(self, peft_model):
+        super().__init__()
+        self.peft_model = peft_model
+
+    @property
+    def config(self):
+        return self.peft_model.config
+
+    def _run(self, method: str, *args, **kwargs):
+        was_training = self.peft_model.training
+        self.peft_model.eval()
+        try:
+            with self.peft_model.disable_adapter():
+                return getattr(self.peft_model, method)(*args, **kwargs)
+        finally:
+            self.peft_model.train(was_training)
+
+    def forward(self, *args, **kwargs):
+        return self._run("forward", *args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self._run("generate", *args, **kwargs)
+
+
+def reference_for(policy, cfg: HFModelConfig):
+    """pi_ref for a freshly loaded policy: the adapter-disabled view with LoRA, else a frozen copy."""
+    if cfg.lora.enabled:
+        return AdapterDisabled(policy)
+    reference = load_causal_lm(cfg).to(resolve_device(cfg.device))
+    return reference.eval().requires_grad_(False)
+
+
+def load_trained_policy(path: str, cfg: HFModelConfig):
+    """A saved policy for evaluation: a peft adapter folder (on top of model.name_or_path) or a full model folder."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise LoadError(f"evaluation.policy_path={path!r} is not a folder")
+    if (folder / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base = load_causal_lm(cfg)  # the adapter sits on model.name_or_path, the reference policy
+        return PeftModel.from_pretrained(base, str(folder)).eval()
+    return load_causal_lm(cfg, str(folder)).eval()
+
+
+def save_policy(policy, tokenizer, folder: Path) -> Path:
+    """save_pretrained: the LoRA adapter (peft format) or the full model, with the tokenizer beside it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    policy.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -1,0 +1,189 @@
+"""Model scorers, HF policies with LoRA, prompt formatting and the rollout stage, on tiny random checkpoints built
+in a temporary folder in the real formats and loaded through the same code path as hub names."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaModel
+
+from dualign import fixtures
+from dualign.errors import LoadError
+from dualign.hf_models import AdapterDisabled, HFModelConfig, PromptFormatter, load_policy, load_tokenizer, \
+    load_trained_policy, reference_for, save_policy
+from dualign.rollout import sample_responses
+from dualign.scorers import ScorerConfig, build_scorer
+from dualign.text_data import Example
+
+PROMPTS = ["How do I take care of a garden?", "Tell me about a lock.", "What is the best way to steal a car?"]
+RESPONSES = ["Ask an expert.", "It is better to keep a lock safe and ask for help if you are unsure.", "No."]
+TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:{response}"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Random tiny checkpoints (no fitting): a causal LM, LlamaForScore reward/cost, a 2-label classifier."""
+    folder = tmp_path_factory.mktemp("fixtures")
+    fixtures.write_data(folder)
+    tokenizer = fixtures.build_tokenizer(fixtures._corpus(folder), vocab_size=300)
+    rows = [json.loads(line) for line in open(folder / "pku_saferlhf" / "train.jsonl")]
+    fixtures.build_policy(folder / "policy", tokenizer, rows, steps=0)
+    fixtures.build_score_model(folder / "cost", tokenizer, rows, "cost", steps=0)
+    fixtures.build_classifier(folder / "humour", tokenizer)
+    return folder
+
+
+def _direct_end_score(folder, texts, tokenizer):
+    """The safe-rlhf definition computed by hand: backbone hidden state of each unpadded text's last token, times
+    the score_head weights read straight from the checkpoint file."""
+    backbone = LlamaModel.from_pretrained(folder).eval()
+    weights = load_file(str(folder / "model.safetensors"))
+    out = []
+    for text in texts:
+        ids = tokenizer(text, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            hidden = backbone(input_ids=ids).last_hidden_state[0, -1]
+        out.append(hidden @ weights["score_head.weight"][0] + weights["score_head.bias"][0])
+    return torch.stack(out)
+
+
+def test_score_model_scorer_matches_direct_computation(models):
+    scorer = build_scorer("cost", ScorerConfig(kind="score_model", name_or_path=str(models / "cost"), template=TEMPLATE,
+                                               batch_size=2))
+    texts = [TEMPLATE.format(prompt=p, response=r) for p, r in zip(PROMPTS, RESPONSES)]
+    expected = _direct_end_score(models / "cost", texts, scorer.tokenizer)
+    assert torch.allclose(scorer(PROMPTS, RESPONSES), expected, atol=1e-4)
+
+
+def test_score_model_normalisation_follows_the_checkpoint_config(models, tmp_path):
+    import shutil
+
+    for score_type, expected in (("reward", lambda x: (x - 1.5) / (2.0 + 1e-8)), ("cost", lambda x: x / (2.0 + 1e-8))):
+        folder = tmp_path / score_type
+        shutil.copytree(models / "cost", folder)
+        config = json.loads((folder / "config.json").read_text())
+        config.update(do_normalize=True, mean=1.5, var=4.0, score_type=score_type)
+        (folder / "config.json").write_text(json.dumps(config))
+        scorer = build_scorer(score_type, ScorerConfig(kind="score_model", name_or_path=str(folder), template=TEMPLATE))
+        raw = build_scorer("raw", ScorerConfig(kind="score_model", name_or_path=str(folder), template=TEMPLATE,
+                                               normalize=False))
+        assert torch.allclose(scorer(PROMPTS, RESPONSES), expected(raw(PROMPTS, RESPONSES)), atol=1e-5)
+
+
+def test_classifier_scorer_reads_a_named_label_and_pads_correctly(models):
+    config = ScorerConfig(kind="sequence_classifier", name_or_path=str(models / "humour"), template="{response}",
+                          label="humorous", output="probability", batch_size=3)
+    scorer = build_scorer("humour", config)
+    direct = AutoModelForSequenceClassification.from_pretrained(models / "humour").eval()
+    expected = []
+    for response in RESPONSES:  # one at a time: no padding at all
+        with torch.no_grad():
+            logits = direct(**scorer.tokenizer(response, return_tensors="pt")).logits[0]
+        expected.append(logits.softmax(-1)[1])
+    assert torch.allclose(scorer(PROMPTS, RESPONSES), torch.stack(expected), atol=1e-5)
+    with pytest.raises(ValueError, match="label='funny' is not one of the classifier's labels"):
+        build_scorer("humour", ScorerConfig(kind="sequence_classifier", name_or_path=str(models / "humour"), label="funny"))
+    with pytest.raises(ValueError, match="has 2 labels"):
+        build_scorer("humour", ScorerConfig(kind="sequence_classifier", name_or_path=str(models / "humour")))
+
+
+class Keyword:
+    def __init__(self, word):
+        self.word = word
+
+    def __call__(self, prompts, responses):
+        return [float(self.word in r) for r in responses]
+
+
+def test_callable_scorers_by_target():
+    length = build_scorer("length", ScorerConfig(kind="callable", _target_="dualign.scorers.response_length",
+                                                 kwargs={"unit": "characters"}))
+    assert length(PROMPTS, RESPONSES).tolist() == [float(len(r)) for r in RESPONSES]
+    keyword = build_scorer("kw", ScorerConfig(kind="callable", _target_=f"{__name__}.Keyword", kwargs={"word": "safe"}))
+    assert keyword(PROMPTS, RESPONSES).tolist() == [0.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match="cannot be imported"):
+        build_scorer("x", ScorerConfig(kind="callable", _target_="dualign.nowhere.fn"))
+
+
+def test_missing_checkpoint_is_one_line_error(tmp_path):
+    with pytest.raises(LoadError) as error:
+        build_scorer("cost", ScorerConfig(kind="score_model", name_or_path=str(tmp_path / "absent")))
+    assert "scorers.cost.name_or_path" in str(error.value) and "\n" not in str(error.value)
+
+
+def _policy_cfg(models, **lora):
+    return HFModelConfig(name_or_path=str(models / "policy"), dtype="float32", device="cpu", max_prompt_length=64,
+                         max_length=128, use_chat_template="never", lora={"enabled": True, **lora} if lora else
+                         HFModelConfig().lora)
+
+
+def test_lora_reference_is_the_base_model_with_adapters_off(models, tmp_path):
+    cfg = _policy_cfg(models)
+    policy = load_policy(cfg)
+    reference = reference_for(policy, cfg)
+    assert isinstance(reference, AdapterDisabled)
+    base = AutoModelForCausalLM.from_pretrained(models / "policy").eval()
+    ids = torch.randint(3, 200, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(reference(input_ids=ids).logits, base(input_ids=ids).logits, atol=1e-5)
+    trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    optimizer = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=1.0)
+    for _ in range(2):  # LoRA B starts at 0: two steps move the policy away from pi_ref
+        policy.train()
+        loss = policy(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    policy.eval()
+    with torch.no_grad():
+        assert not torch.allclose(policy(input_ids=ids).logits, base(input_ids=ids).logits, atol=1e-4)
+        assert torch.allclose(reference(input_ids=ids).logits, base(input_ids=ids).logits, atol=1e-5)
+    tokenizer = load_tokenizer(cfg)
+    saved = save_policy(policy, tokenizer, tmp_path / "policy")
+    assert (saved / "adapter_config.json").is_file() and (saved / "adapter_model.safetensors").is_file()
+    reloaded = load_trained_policy(str(saved), cfg)
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=ids).logits, policy(input_ids=ids).logits, atol=1e-5)
+
+
+def test_without_lora_the_reference_is_a_frozen_copy(models):
+    cfg = _policy_cfg(models)
+    cfg.lora.enabled = False
+    policy = load_policy(cfg)
+    reference = reference_for(policy, cfg)
+    assert reference is not policy and not any(p.requires_grad for p in reference.parameters())
+    assert all(p.requires_grad for p in policy.parameters())
+
+
+def test_prompt_formatting_template_and_chat_template(models):
+    cfg = _policy_cfg(models)
+    tokenizer = load_tokenizer(cfg)
+    example = Example("Tell me about a lock.", [{"role": "user", "content": "Tell me about a lock."}], ["a", "b"])
+    formatter = PromptFormatter(tokenizer, cfg)
+    text = tokenizer.decode(formatter.prompt_ids(example))
+    assert text == "<s>BEGINNING OF CONVERSATION: USER: Tell me about a lock. ASSISTANT:"
+    assert formatter.response_ids("Ask.", 10)[-1] == tokenizer.eos_token_id
+    cfg.max_prompt_length = 5  # cut from the left: the end of the prompt is kept
+    assert formatter.prompt_ids(example) == PromptFormatter(tokenizer, _policy_cfg(models)).prompt_ids(example)[-5:]
+    tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+    cfg.max_prompt_length, cfg.use_chat_template = 64, "auto"
+    assert tokenizer.decode(PromptFormatter(tokenizer, cfg).prompt_ids(example)) == "<user>Tell me about a lock.<assistant>"
+    cfg.use_chat_template = "never"
+    assert not PromptFormatter(tokenizer, cfg).chat
+
+
+def test_left_padded_batched_generation_matches_one_prompt_at_a_time(models):
+    """Greedy (top_p ~ 0) generation of prompts of different lengths in one batch equals generating each alone."""
+    cfg = _policy_cfg(models)
+    tokenizer = load_tokenizer(cfg)
+    model = AutoModelForCausalLM.from_pretrained(models / "policy").eval()
+    formatter = PromptFormatter(tokenizer, cfg)
+    examples = [Example(p, [], []) for p in PROMPTS]
+    prompt_ids = [formatter.prompt_ids(e) for e in examples]
+    assert len({len(ids) for ids in prompt_ids}) > 1
+    batched = sample_responses(model, tokenizer, PROMPTS, prompt_ids, 2, 12, seed=0, top_p=1e-9)
+    for i in range(len(PROMPTS)):
+        alone = sample_responses(model, tokenizer, PROMPTS[i:i + 1], prompt_ids[i:i + 1], 2, 12, seed=0, top_p=1e-9)
+        assert batched.response_ids[2 * i : 2 * i + 2] == alone.response_ids
+    assert batched.prompt_index.tolist() == [0, 0, 1, 1, 2, 2]
