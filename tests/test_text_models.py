@@ -187,3 +187,18 @@ def test_left_padded_batched_generation_matches_one_prompt_at_a_time(models):
         alone = sample_responses(model, tokenizer, PROMPTS[i:i + 1], prompt_ids[i:i + 1], 2, 12, seed=0, top_p=1e-9)
         assert batched.response_ids[2 * i : 2 * i + 2] == alone.response_ids
     assert batched.prompt_index.tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_gradient_checkpointing_with_lora_gives_the_same_gradients(models):
+    ids = torch.randint(3, 200, (2, 10))
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)  # same LoRA init
+        cfg = _policy_cfg(models)
+        cfg.gradient_checkpointing = checkpointing
+        policy = load_policy(cfg)
+        policy.train()
+        policy(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])

@@ -114,6 +114,7 @@ class TrainerConfig:
     precision: str = "32-true"
     log_every_n_steps: int = 5
     gradient_clip_val: Optional[float] = 1.0
+    accumulate_grad_batches: int = 1  # optimiser step every N batches: policy_step.batch_size x N pairs per step
     enable_progress_bar: bool = True
 
 
@@ -237,6 +238,7 @@ def validate(cfg: DictConfig | dict, scorer_names: tuple[str, ...] | None = None
         _positive(f"algorithm.{key}", getattr(typed.algorithm, key))
     for key in ("batch_size", "steps_per_epoch"):
         _positive(f"policy_step.{key}", getattr(typed.policy_step, key))
+    _positive("trainer.accumulate_grad_batches", typed.trainer.accumulate_grad_batches)
     _positive("optimizer.lr", typed.optimizer.lr)
     _positive("optimizer.warmup_steps", typed.optimizer.warmup_steps, strict=False)
     _positive("reference.samples_per_prompt", typed.reference.samples_per_prompt)

@@ -261,6 +261,7 @@ def train_policy(setup: Setup, multipliers: torch.Tensor, algorithm: str, iterat
         max_epochs=iterations * epochs, accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
         precision=cfg.trainer.precision, log_every_n_steps=cfg.trainer.log_every_n_steps,
         gradient_clip_val=cfg.trainer.gradient_clip_val, enable_progress_bar=cfg.trainer.enable_progress_bar,
+        accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
         logger=logger if logger is not None else False, callbacks=callbacks, enable_checkpointing=logger is not None,
         enable_model_summary=False, default_root_dir=output_dir, num_sanity_val_steps=0,
         reload_dataloaders_every_n_epochs=epochs if cfg.policy_step.pairs_from == "policy" else 0,
