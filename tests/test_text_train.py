@@ -131,6 +131,7 @@ def test_real_experiment_configs_compose_and_validate(tmp_path, cache_dir):
     assert pku.scorers["cost"].kind == "score_model" and pku.constraints["safety"].negate
     assert (pku.model.lora.r, pku.model.lora.alpha, pku.model.lora.dropout) == (8, 16, 0.05)
     assert (pku.optimizer.lr, pku.beta, pku.generation.top_p, pku.algorithm.dual_prompts) == (5e-4, 0.1, 0.9, 600)
+    assert not pku.model.trust_remote_code and not any(s.trust_remote_code for s in pku.scorers.values())
     hh = composed("experiment=hh_two_constraints", "model.name_or_path=/models/llama2-7b-hh-sft")
     assert list(hh.constraints) == ["harmlessness", "humour"] and hh.algorithm.iterations == 3
     with pytest.raises(ConfigError, match="model.name_or_path: Missing mandatory value"):

@@ -5,6 +5,7 @@ ConfigError naming the key and what is allowed.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -111,6 +112,8 @@ class OptimizerConfig:
 class TrainerConfig:
     accelerator: str = "cpu"
     devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"  # Lightning's: auto | ddp | fsdp | deepspeed_stage_2 | ...
     precision: str = "32-true"
     log_every_n_steps: int = 5
     gradient_clip_val: Optional[float] = 1.0
@@ -171,7 +174,7 @@ def _choice(key: str, value: Any, allowed) -> None:
 
 
 def _positive(key: str, value, strict: bool = True) -> None:
-    if value is None or (value <= 0 if strict else value < 0):
+    if value is None or not math.isfinite(value) or (value <= 0 if strict else value < 0):
         raise ConfigError(f"{key}={value!r} must be {'>' if strict else '>='} 0")
 
 
@@ -239,6 +242,8 @@ def validate(cfg: DictConfig | dict, scorer_names: tuple[str, ...] | None = None
     for key in ("batch_size", "steps_per_epoch"):
         _positive(f"policy_step.{key}", getattr(typed.policy_step, key))
     _positive("trainer.accumulate_grad_batches", typed.trainer.accumulate_grad_batches)
+    _positive("trainer.devices", typed.trainer.devices)
+    _positive("trainer.num_nodes", typed.trainer.num_nodes)
     _positive("optimizer.lr", typed.optimizer.lr)
     _positive("optimizer.warmup_steps", typed.optimizer.warmup_steps, strict=False)
     _positive("reference.samples_per_prompt", typed.reference.samples_per_prompt)
@@ -266,6 +271,8 @@ def validate(cfg: DictConfig | dict, scorer_names: tuple[str, ...] | None = None
         key = f"constraints.{name}"
         _choice(f"{key}.scorer", constraint.scorer, scorer_names)
         _choice(f"{key}.threshold_type", constraint.threshold_type, THRESHOLD_TYPES)
+        if not math.isfinite(constraint.threshold):
+            raise ConfigError(f"{key}.threshold={constraint.threshold!r} must be a finite number")
         if constraint.step_size is not None:
             _positive(f"{key}.step_size", constraint.step_size)
         if constraint.initial_multiplier is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from . import distributed
 from .dpo import response_logprobs
 
 
@@ -27,6 +28,11 @@ class TensorBatches(Dataset):
 
 
 class EpochShuffle(Sampler):
+    """The epoch's order from a seeded permutation, split over ranks: rank r takes every world_size-th position
+    (padded by repeating the first indices so every rank gets the same count). With B / world_size items per rank and
+    batch, the ranks' batches of a step together hold exactly the one-process batch, so the averaged gradient is the same.
+    Lightning's own distributed sampler is turned off (it would permute positions again)."""
+
     def __init__(self, size: int, seed: int, shuffle: bool = True):
         self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
 
@@ -34,13 +40,18 @@ class EpochShuffle(Sampler):
         self.epoch = epoch
 
     def __len__(self):
-        return self.size
+        return -(-self.size // distributed.world_size())
 
     def __iter__(self):
-        if not self.shuffle:
-            return iter(range(self.size))
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
+        order = list(range(self.size))
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.size, generator=generator).tolist()
+        world = distributed.world_size()
+        if world == 1:
+            return iter(order)
+        order += order[: (-len(order)) % world]
+        return iter(order[distributed.rank()::world])
 
 
 def loader(dataset: TensorBatches, batch_size: int, seed: int, shuffle: bool = True) -> DataLoader:

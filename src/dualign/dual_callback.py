@@ -84,12 +84,18 @@ class DualUpdate(L.Callback):
             if not torch.isfinite(updated).all():
                 raise FloatingPointError(f"multipliers became {updated.tolist()} at iteration {self.iteration + 1}")
             module.multipliers.copy_(updated.to(module.multipliers))
+        ranks = trainer.world_size
+        if ranks > 1:  # a rank that drifted would train on another Lagrangian: stop instead
+            every = trainer.strategy.all_gather(module.multipliers.detach()).reshape(ranks, -1)
+            if not torch.equal(every.min(0).values, every.max(0).values):
+                raise RuntimeError(f"ranks disagree on the multipliers at iteration {self.iteration + 1}: {every.tolist()}")
         record = {
             "iteration": self.iteration + 1,
             "multipliers_used": used.tolist(),
             "estimated_improvement": improvement.tolist(),
             "estimated_slack": slack.tolist(),
             "multipliers": module.multipliers.detach().cpu().tolist(),
+            "ranks": ranks,
         }
         if self.evaluator is not None:
             record[self.evaluation_name] = self.evaluator(module.policy)
@@ -115,8 +121,42 @@ class DualUpdate(L.Callback):
             "history": self.history,
             "reference_mean": self.reference_mean,
             "threshold": self.threshold,
+            "running": self._running,
+            "rng": rng_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.iteration, self.history = state["iteration"], list(state["history"])
         self.reference_mean, self.threshold = state["reference_mean"], state["threshold"]
+        self._running = state.get("running")
+        if "rng" in state:
+            set_rng_state(state["rng"])
+
+
+def rng_state() -> dict:
+    """Every random generator a run draws from (sampling seeds are derived per iteration, but dropout and anything
+    unseeded draws from these), saved in checkpoints so a resumed run continues the same streams."""
+    import random
+
+    import numpy as np
+
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    # plain tensors, ints and tuples only: checkpoints load with torch.load(weights_only=True)
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached))}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -49,10 +49,29 @@ class TextEvaluator:
         self.reference_mean = self.reference_scores[1:].view(-1, self.P, self.K).mean(dim=(1, 2))
 
     def evaluate(self, policy) -> dict:
+        """Test prompts sharded over ranks (each rank generates and scores its share), gathered on every rank."""
+        from . import distributed
+
         setup, P, K = self.setup, self.P, self.K
-        rollouts, scores = setup.sample_and_score(policy, range(P), K, self.seed + 1, prompt_set=self.prompt_set)
-        kl = self._kl(policy, rollouts).view(P, K)
-        reference, current = self.reference_scores.view(-1, P, K), scores.view(-1, P, K)
+        mine = distributed.shard(list(range(P)))
+        if mine:
+            rollouts, scores = setup.sample_and_score(policy, mine, K, self.seed + 1 + 7_919 * distributed.rank(),
+                                                      prompt_set=self.prompt_set)
+            kl = self._kl(policy, rollouts)
+            part = (mine, scores.view(-1, len(mine), K), kl.view(len(mine), K), rollouts.responses)
+        else:
+            part = None
+        order, score_parts, kl_parts, responses = [], [], [], {}
+        for piece in distributed.gather(part):
+            if piece is not None:
+                order += piece[0]
+                score_parts.append(piece[1])
+                kl_parts.append(piece[2])
+                responses.update({p: piece[3][i * K:(i + 1) * K] for i, p in enumerate(piece[0])})
+        back = torch.argsort(torch.tensor(order))  # prompt order again
+        current = torch.cat(score_parts, dim=1)[:, back]  # [1 + m, P, K]
+        kl = torch.cat(kl_parts)[back]
+        reference = self.reference_scores.view(-1, P, K)
         result = {"prompts": P, "samples_per_prompt": K, "scores": {}, "constraints": {}}
         for j, label in enumerate(self.labels):
             wins = (current[j] > reference[j]).double() + 0.5 * (current[j] == reference[j]).double()
@@ -72,13 +91,13 @@ class TextEvaluator:
         result["kl"], result["kl_ci"] = mean_ci(kl)
         result["objective"] = result["scores"]["reward"]["policy"] - self.cfg.beta * result["kl"]
         result["samples"] = [
-            {"prompt": rollouts.prompts[n], "policy_response": rollouts.responses[n],
-             "reference_response": self.reference_rollouts.responses[n],
-             **{f"policy/{label}": scores[j, n].item() for j, label in enumerate(self.labels)},
-             **{f"reference/{label}": self.reference_scores[j, n].item() for j, label in enumerate(self.labels)}}
-            for n in range(0, P * K, K)  # the first response of every prompt
+            {"prompt": self.prompt_set.prompts[p], "policy_response": responses[p][0],
+             "reference_response": self.reference_rollouts.responses[p * K],
+             **{f"policy/{label}": current[j, p, 0].item() for j, label in enumerate(self.labels)},
+             **{f"reference/{label}": reference[j, p, 0].item() for j, label in enumerate(self.labels)}}
+            for p in range(P)  # the first response to every prompt
         ][: self.cfg.evaluation.samples_logged]
-        result["_score_values"] = {"reference": self.reference_scores.tolist(), "policy": scores.tolist()}
+        result["_score_values"] = {"reference": self.reference_scores.tolist(), "policy": current.reshape(len(self.labels), -1).tolist()}
         return result
 
     def _kl(self, policy, rollouts) -> torch.Tensor:
@@ -250,6 +269,10 @@ def finish_text_run(setup, policy, dual, comparison_policy, timings: dict, outpu
     comparison = {"multipliers": setup.one_shot.tolist(), "evaluation": evaluator.evaluate(comparison_policy)} \
         if comparison_policy is not None else None
     timings["evaluation"] = time.perf_counter() - tic
+    from . import distributed
+
+    if not distributed.is_main():  # every rank evaluated its share of the prompts; rank 0 saves and reports
+        return {}
     saved = save_policy(policy, setup.task.tokenizer, output_dir / "policy")
     summary = {
         "algorithm": setup.cfg.algorithm.name, "policy_step": setup.cfg.policy_step.name, "beta": setup.cfg.beta,

@@ -8,11 +8,7 @@ forward pass over the P x K**(L-1) response prefixes (each prefix holds the cond
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -218,25 +214,25 @@ def _teacher_samples(task: ExactTask) -> torch.Tensor:
 
 
 def reference_policy(task: ExactTask, model_cfg: TinyModelConfig, cache_dir: str | os.PathLike) -> GPT2LMHeadModel:
-    """pi_ref: the tiny model after SFT on teacher samples; trained once per (task, model) config and cached."""
-    key = json.dumps({"task": asdict(task.cfg), "model": asdict(model_cfg)}, sort_keys=True)
-    folder = Path(cache_dir) / "exact_reference" / hashlib.sha256(key.encode()).hexdigest()[:16]
-    if (folder / "done.json").exists():
-        try:
-            model = AutoModelForCausalLM.from_pretrained(folder)
-            if json.loads((folder / "done.json").read_text()).get("key") == key:
-                return model.eval()
-        except (OSError, ValueError):
-            pass  # a damaged cache is rebuilt below
-    model = _sft_reference(task, model_cfg)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
-    model.save_pretrained(staging)
-    task.tokenizer.save_pretrained(staging)
-    (staging / "done.json").write_text(json.dumps({"key": key}))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(staging, folder)  # atomic: a reader sees the old folder or the complete new one
-    return AutoModelForCausalLM.from_pretrained(folder).eval()
+    """pi_ref: the tiny model after SFT on teacher samples; trained once per (task, model) config and cached
+    (atomically; an entry that does not load or whose outputs are not finite is retrained)."""
+    from .cache import cached_folder
+
+    def build(folder: Path) -> None:
+        model = _sft_reference(task, model_cfg)
+        model.save_pretrained(folder)
+        task.tokenizer.save_pretrained(folder)
+
+    def load(folder: Path) -> GPT2LMHeadModel:
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        with torch.no_grad():
+            logits = model(torch.tensor(task.prompt_token_ids[:1])).logits
+        if not torch.isfinite(logits).all():
+            raise ValueError("cached pi_ref gives non-finite logits")
+        return model
+
+    key = {"task": asdict(task.cfg), "model": asdict(model_cfg)}
+    return cached_folder(cache_dir, "exact_reference", key, build, load)
 
 
 def _sft_reference(task: ExactTask, model_cfg: TinyModelConfig) -> GPT2LMHeadModel:

@@ -3,6 +3,8 @@ checkpoint and identical on every rank); the DualUpdate callback decides when an
 from __future__ import annotations
 
 import math
+import os
+import signal
 
 import lightning as L
 import torch
@@ -21,6 +23,8 @@ class AlignmentModule(L.LightningModule):
         # with LoRA the base weights are frozen and equal pi_ref: checkpoints hold only what training changes
         self.frozen = {f"policy.{name}" for name, p in policy.named_parameters() if not p.requires_grad}
         self.strict_loading = not self.frozen
+        # fault injection for the resume tests: SIGKILL this process when it reaches this optimiser step
+        self.kill_at_step = int(os.environ.get("DUALIGN_FAULT_KILL_AT_STEP", -1))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         for key in self.frozen:
@@ -31,9 +35,16 @@ class AlignmentModule(L.LightningModule):
         return self.current_epoch // self.epochs_per_iteration
 
     def training_step(self, batch, batch_idx):
+        if self.global_step == self.kill_at_step:
+            os.kill(os.getpid(), signal.SIGKILL)
         loss, metrics = self.policy_step(self.policy, batch, self.multipliers, self.iteration, self.global_step)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {self.global_step}, batch {batch_idx}")
+            bad = [name for name, value in metrics.items()
+                   if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all()]
+            if not torch.isfinite(self.multipliers).all():
+                bad.append("multipliers")
+            raise FloatingPointError(f"loss is {loss.item()} at step {self.global_step}, batch {batch_idx}"
+                                     + (f"; non-finite terms: {', '.join(bad)}" if bad else ""))
         stats = metrics.pop("constraint_stats", None)  # (utility sums, count) of on-policy samples, for the dual step
         size = next(iter(batch.values())).shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=size)

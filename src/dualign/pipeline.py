@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +13,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import report
+from . import distributed, report
 from .config import ConfigError, TrainConfig, validate
 from .data import loader, preference_pairs, prompt_batches, tokenized
 from .dual_callback import DualUpdate
@@ -149,12 +150,18 @@ def build(cfg: TrainConfig) -> Setup:
 
 
 def _rollout_estimator(setup: Setup):
+    """CAID's on-policy dual step: Q prompts x K responses of the current policy, the prompts sharded over ranks; the
+    callback reduces the (sum, count) of every rank."""
     cfg = setup.cfg
 
     def estimate(policy, iteration):
         generator = torch.Generator().manual_seed(60_000 + 1_000 * cfg.seed + iteration)
-        chosen = torch.randperm(len(setup.task.prompts), generator=generator)[: cfg.algorithm.dual_prompts]
-        _, scores = setup.sample_and_score(policy, chosen, cfg.algorithm.dual_samples, 70_000 + 1_000 * cfg.seed + iteration)
+        chosen = torch.randperm(len(setup.task.prompts), generator=generator)[: cfg.algorithm.dual_prompts].tolist()
+        mine = distributed.shard(chosen)
+        if not mine:
+            return torch.zeros(len(setup.names)), 0
+        seed = 70_000 + 1_000 * cfg.seed + iteration + 7_919 * distributed.rank()
+        _, scores = setup.sample_and_score(policy, mine, cfg.algorithm.dual_samples, seed)
         return scores[1:].sum(-1), scores.shape[-1]
 
     return estimate
@@ -164,11 +171,12 @@ def _exact_estimator(setup: Setup):
     instance = setup.oracle.instance
 
     def estimate(policy, iteration):
+        prompts = torch.tensor(distributed.shard(list(range(setup.task.cfg.num_prompts))), dtype=torch.long)
         with torch.no_grad():
-            prob = setup.task.enumerate_logprobs(policy).double().exp()
-        mean = (prob * instance.utility).sum(-1).mean(-1)  # exact E_pi[g], weight 1 per prompt
-        # reported as the sample-mean of an equivalent count so ranks can still reduce sums and counts
-        return (mean * prob.shape[0]).float(), prob.shape[0]
+            prob = setup.task.enumerate_logprobs(policy, prompts).double().exp()
+        per_prompt = (prob * instance.utility[:, prompts]).sum(-1)  # exact E_pi[g | x], [m, prompts of this rank]
+        # one unit per prompt: summed and counted over ranks, the mean is the exact E_pi[g]
+        return per_prompt.sum(-1).float(), len(prompts)
 
     return estimate
 
@@ -227,7 +235,7 @@ def _policy_step_and_data(setup: Setup, epochs: int):
 
 
 def train_policy(setup: Setup, multipliers: torch.Tensor, algorithm: str, iterations: int, epochs: int,
-                 output_dir: Path, logger=None, ckpt_path: str | None = None):
+                 output_dir: Path, logger=None, ckpt_path: str | None = None, checkpoint: bool = False):
     """Train a fresh copy of pi_ref for iterations * epochs epochs. caid: a dual step after every iteration;
     primal_dual: every k optimiser steps; one_shot / fixed_lambda: lambda fixed, the constraint measured at the end.
     Returns the trained policy and the DualUpdate callback (its history is the lambda trajectory)."""
@@ -252,18 +260,21 @@ def train_policy(setup: Setup, multipliers: torch.Tensor, algorithm: str, iterat
     )
     module = AlignmentModule(policy, step, multipliers, cfg.optimizer, epochs)
     callbacks = [dual]
-    if logger is not None:
+    if checkpoint:  # every rank holds the callback (ranks must agree on it); Lightning writes on rank 0
+        # the newest epoch's checkpoint is kept (older ones removed once it is written); last.ckpt links to it
         callbacks.append(L.pytorch.callbacks.ModelCheckpoint(
-            dirpath=output_dir / "checkpoints", save_last=True, save_top_k=0, every_n_epochs=1,
+            dirpath=output_dir / "checkpoints", save_last="link", save_top_k=1, monitor=None, every_n_epochs=1,
             save_on_train_epoch_end=True,
         ))
     trainer = L.Trainer(
         max_epochs=iterations * epochs, accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.num_nodes, strategy=cfg.trainer.strategy,
         precision=cfg.trainer.precision, log_every_n_steps=cfg.trainer.log_every_n_steps,
         gradient_clip_val=cfg.trainer.gradient_clip_val, enable_progress_bar=cfg.trainer.enable_progress_bar,
         accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
-        logger=logger if logger is not None else False, callbacks=callbacks, enable_checkpointing=logger is not None,
+        logger=logger if logger is not None else False, callbacks=callbacks, enable_checkpointing=checkpoint,
         enable_model_summary=False, default_root_dir=output_dir, num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # EpochShuffle shards by rank itself (same batches as one process)
         reload_dataloaders_every_n_epochs=epochs if cfg.policy_step.pairs_from == "policy" else 0,
     )
     if isinstance(data, L.LightningDataModule):
@@ -321,6 +332,44 @@ def _mlflow_logger(cfg: TrainConfig, raw: DictConfig, resume_from: Path | None, 
     return logger
 
 
+def preflight(cfg: TrainConfig) -> None:
+    """Fail before anything heavy is built when the run could not save its results: an output or cache folder that
+    cannot be written, an MLflow store that cannot be reached."""
+    for key, folder in (("paths.output_dir", cfg.paths.output_dir), ("paths.cache_dir", cfg.paths.cache_dir)):
+        path = Path(folder)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / f".write-test-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as error:
+            raise ConfigError(f"{key}={folder!r} is not writable ({error.strerror or error})") from None
+    if not cfg.logger.enabled or not distributed.is_main():
+        return
+    uri = cfg.logger.tracking_uri
+    if uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10).read()
+        except (urllib.error.URLError, OSError) as error:
+            reason = getattr(error, "reason", error)
+            raise ConfigError(f"logger.tracking_uri={uri!r} is not reachable ({reason}); start the server or set "
+                              "logger.enabled=false") from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).expanduser().resolve().parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ConfigError(f"logger.tracking_uri={uri!r}: cannot create {folder} ({error.strerror})") from None
+        if not os.access(folder, os.W_OK):
+            raise ConfigError(f"logger.tracking_uri={uri!r}: {folder} is not writable")
+    elif uri.startswith("file:") or "://" not in uri:
+        raise ConfigError(f"logger.tracking_uri={uri!r}: MLflow 3 needs a database or server store, "
+                          "e.g. sqlite:///outputs/mlflow.db or http://host:5000")
+
+
 def _quiet_libraries() -> None:
     """Keep the console for progress bars and the final table."""
     import warnings
@@ -347,14 +396,15 @@ def run(raw_cfg: DictConfig) -> dict:
     cfg = validate(raw_cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     _quiet_libraries()
+    preflight(cfg)  # output folders writable, tracking store reachable: before anything is built
     output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = cfg.ckpt_path
     if ckpt_path == "last":
         ckpt_path = str(output_dir / "checkpoints" / "last.ckpt")
     if ckpt_path is not None and not Path(ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={ckpt_path!r}: no such checkpoint file")
-    logger = _mlflow_logger(cfg, raw_cfg, Path(ckpt_path) if ckpt_path else None)
+    # only rank 0 tracks: the other ranks of a distributed run re-run this entry point without a logger
+    logger = _mlflow_logger(cfg, raw_cfg, Path(ckpt_path) if ckpt_path else None) if distributed.is_main() else None
 
     setup = build(cfg)
     timings = {"setup (pi_ref, rollouts, one-shot solve)": time.perf_counter() - started}
@@ -367,7 +417,8 @@ def run(raw_cfg: DictConfig) -> dict:
     else:  # trained once, same epoch budget; the callback still measures the constraint at the end
         iterations, epochs = 1, algorithm.iterations * algorithm.epochs_per_iteration
     tic = time.perf_counter()
-    policy, dual, _ = train_policy(setup, multipliers, algorithm.name, iterations, epochs, output_dir, logger, ckpt_path)
+    policy, dual, _ = train_policy(setup, multipliers, algorithm.name, iterations, epochs, output_dir, logger, ckpt_path,
+                                   checkpoint=True)
     timings[f"{algorithm.name} training"] = time.perf_counter() - tic
 
     comparison_policy = None
@@ -380,6 +431,8 @@ def run(raw_cfg: DictConfig) -> dict:
         from .evaluate import finish_text_run
 
         return finish_text_run(setup, policy, dual, comparison_policy, timings, output_dir, logger, raw_cfg)
+    if not distributed.is_main():  # rank 0 evaluates exactly and writes everything
+        return {}
 
     comparison = None
     if comparison_policy is not None:

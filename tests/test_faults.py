@@ -1,0 +1,71 @@
+"""Guards: damaged caches are rebuilt, non-finite values stop the run naming where, and a run that could not save its
+results fails before building anything."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dualign.exact_task import ExactTask, ExactTaskConfig, TinyModelConfig, reference_policy
+from dualign.module import AlignmentModule
+from dualign.config import OptimizerConfig
+from dualign.scorers import CallableScorer, ScorerConfig, score_all
+
+from conftest import ROOT
+
+
+def test_truncated_reference_cache_is_rebuilt_not_used(tmp_path, caplog):
+    task = ExactTask(ExactTaskConfig(num_prompts=2, sft_steps=3, sft_samples_per_prompt=8, sft_batch_size=8))
+    model = reference_policy(task, TinyModelConfig(n_layer=1, n_embd=16, n_head=2), tmp_path)
+    original = {k: v.clone() for k, v in model.state_dict().items()}  # the loaded weights are mmapped from the file
+    del model
+    (entry,) = (tmp_path / "exact_reference").iterdir()
+    weights = entry / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a write cut short
+    rebuilt = reference_policy(task, TinyModelConfig(n_layer=1, n_embd=16, n_head=2), tmp_path)
+    assert "unusable" in caplog.text
+    for a, b in zip(original.values(), rebuilt.state_dict().values()):
+        assert torch.equal(a, b)  # the SFT is seeded: the rebuilt pi_ref is the same model
+    assert weights.stat().st_size > 1000
+
+
+def test_nan_loss_names_step_batch_and_term():
+    def nan_step(policy, batch, multipliers, iteration, global_step):
+        return torch.tensor(float("nan")), {"rewards/chosen": torch.tensor(float("nan")), "kl": torch.tensor(0.1)}
+
+    module = AlignmentModule(torch.nn.Linear(2, 2), nan_step, torch.tensor([1.0]), OptimizerConfig(), 1)
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 0, batch 3; non-finite terms: rewards/chosen"):
+        module.training_step({"x": torch.zeros(2)}, 3)
+
+
+def nan_scores(prompts, responses):
+    return [0.0] * (len(responses) - 1) + [float("nan")]
+
+
+def test_nan_score_names_the_scorer_and_the_response():
+    scorer = CallableScorer("toxicity", ScorerConfig(kind="callable", _target_=f"{__name__}.nan_scores"))
+    with pytest.raises(FloatingPointError, match="scorer 'toxicity' returned nan for response 2"):
+        score_all([scorer], ["a", "b", "c"], ["x", "y", "z"])
+
+
+def _cli(tmp_path, *overrides):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path / 'run'}",
+                           f"paths.cache_dir={tmp_path / 'cache'}", *overrides],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_unreachable_tracking_server_fails_before_building(tmp_path):
+    result = _cli(tmp_path, "logger.tracking_uri=http://127.0.0.1:9")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "dualign: config error: logger.tracking_uri='http://127.0.0.1:9' is not reachable")
+    assert not (tmp_path / "cache" / "exact_reference").exists()  # nothing was built
+
+
+def test_unwritable_output_folder_fails_before_building(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    result = _cli(tmp_path, f"paths.output_dir={blocker / 'run'}", "logger.enabled=false")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(f"dualign: config error: paths.output_dir='{blocker / 'run'}' is not writable")
+    assert not (tmp_path / "cache" / "exact_reference").exists()
