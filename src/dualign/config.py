@@ -106,6 +106,7 @@ class OptimizerConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     schedule: str = "constant"
+    fused: Optional[bool] = None  # fused AdamW kernel; None: when the parameters' device and dtype support it
 
 
 @dataclass

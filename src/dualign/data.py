@@ -110,7 +110,10 @@ def preference_pairs(
         raise ValueError("rollouts must hold an even number of responses per prompt to be paired")
     input_ids, attention_mask, response_mask = tokenized(prompt_ids, rollouts, pad_id)
     if ref_logps is None:
-        ref_logps = sequence_logprobs(reference, input_ids, attention_mask, response_mask, allowed_token_ids, batch_size)
+        from .timing import stage
+
+        with stage("reference log-probs"):
+            ref_logps = sequence_logprobs(reference, input_ids, attention_mask, response_mask, allowed_token_ids, batch_size)
     pair = lambda t: torch.stack([t[first], t[second]], dim=1)  # noqa: E731
     # one column of uniforms per iteration, each from its own seed, so a column does not depend on the run's length
     uniforms = [torch.rand(len(first), generator=torch.Generator().manual_seed(50_000 + 1_000 * seed + t))

@@ -16,7 +16,9 @@ def response_logprobs(
     logits [B, T, V] come from the model on input_ids [B, T]; response_mask [B, T] is 1 on response tokens.
     allowed_token_ids restricts the policy to a response alphabet (the exact task's policies are defined that way).
     """
-    logits = logits[:, :-1].float()
+    logits = logits[:, :-1]
+    if logits.dtype in (torch.float16, torch.bfloat16):  # log-softmax in float32; float64 models stay float64
+        logits = logits.float()
     if allowed_token_ids is not None:
         allowed = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
         allowed[allowed_token_ids] = True

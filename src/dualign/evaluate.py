@@ -269,7 +269,9 @@ def finish_text_run(setup, policy, dual, comparison_policy, timings: dict, outpu
     comparison = {"multipliers": setup.one_shot.tolist(), "evaluation": evaluator.evaluate(comparison_policy)} \
         if comparison_policy is not None else None
     timings["evaluation"] = time.perf_counter() - tic
-    from . import distributed
+    from . import distributed, timing
+
+    timings["by stage"] = timing.breakdown()
 
     if not distributed.is_main():  # every rank evaluated its share of the prompts; rank 0 saves and reports
         return {}
@@ -289,7 +291,9 @@ def finish_text_run(setup, policy, dual, comparison_policy, timings: dict, outpu
     if dual.history:
         print("lambda per iteration: " + ", ".join(
             f"{h['iteration']}: " + "/".join(f"{v:.4f}" for v in h["multipliers"]) for h in dual.history))
-    print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+    from .report import time_lines
+
+    print(time_lines(timings))
     print(f"policy saved to {saved} (save_pretrained; load with transformers/peft)")
     metrics = {"objective": result["objective"], "reward": result["scores"]["reward"]["policy"], "kl": result["kl"],
                "constraint_violation": [c["threshold"] - c["improvement"] for c in result["constraints"].values()]}

@@ -219,7 +219,10 @@ def reference_policy(task: ExactTask, model_cfg: TinyModelConfig, cache_dir: str
     from .cache import cached_folder
 
     def build(folder: Path) -> None:
-        model = _sft_reference(task, model_cfg)
+        from .timing import stage
+
+        with stage("pi_ref SFT"):
+            model = _sft_reference(task, model_cfg)
         model.save_pretrained(folder)
         task.tokenizer.save_pretrained(folder)
 

@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import distributed, report
+from . import distributed, report, timing
 from .config import ConfigError, TrainConfig, validate
 from .data import loader, preference_pairs, prompt_batches, tokenized
 from .dual_callback import DualUpdate
@@ -65,14 +65,18 @@ class Setup:
         source = prompt_set or task
         chosen = [int(i) for i in prompt_index]
         length = task.max_new_tokens
-        rollouts = sample_responses(
+        with timing.stage("rollouts (generate)"):
+            rollouts = sample_responses(
             model, task.tokenizer, [source.prompts[i] for i in chosen], [source.prompt_token_ids[i] for i in chosen],
-            samples, length, seed=seed, temperature=cfg.generation.temperature, top_p=cfg.generation.top_p,
-            min_new_tokens=task.min_new_tokens, allowed_token_ids=task.allowed_token_ids,
-            batch_size=cfg.generation.batch_size,
-        )
+                samples, length, seed=seed, temperature=cfg.generation.temperature, top_p=cfg.generation.top_p,
+                min_new_tokens=task.min_new_tokens, allowed_token_ids=task.allowed_token_ids,
+                batch_size=cfg.generation.batch_size,
+            )
         rollouts.prompt_index = torch.tensor(chosen, dtype=torch.long)[rollouts.prompt_index]  # back to task indices
-        return rollouts, score_all(self.scorers, rollouts.prompts, rollouts.responses) if score else None
+        if not score:
+            return rollouts, None
+        with timing.stage("scoring"):
+            return rollouts, score_all(self.scorers, rollouts.prompts, rollouts.responses)
 
     def pairs_with_reference(self, rollouts, scores, cache_key: dict | None = None):
         """DPO pairs (consecutive responses of a prompt) with reference log-probabilities computed once for them
@@ -172,7 +176,7 @@ def _exact_estimator(setup: Setup):
 
     def estimate(policy, iteration):
         prompts = torch.tensor(distributed.shard(list(range(setup.task.cfg.num_prompts))), dtype=torch.long)
-        with torch.no_grad():
+        with torch.no_grad(), timing.stage("exact evaluation (enumeration)"):
             prob = setup.task.enumerate_logprobs(policy, prompts).double().exp()
         per_prompt = (prob * instance.utility[:, prompts]).sum(-1)  # exact E_pi[g | x], [m, prompts of this rank]
         # one unit per prompt: summed and counted over ranks, the mean is the exact E_pi[g]
@@ -183,7 +187,7 @@ def _exact_estimator(setup: Setup):
 
 def _exact_evaluator(setup: Setup):
     def evaluate(policy):
-        with torch.no_grad():
+        with torch.no_grad(), timing.stage("exact evaluation (enumeration)"):
             return setup.oracle.evaluate(setup.task.enumerate_logprobs(policy))
 
     return evaluate
@@ -277,10 +281,11 @@ def train_policy(setup: Setup, multipliers: torch.Tensor, algorithm: str, iterat
         use_distributed_sampler=False,  # EpochShuffle shards by rank itself (same batches as one process)
         reload_dataloaders_every_n_epochs=epochs if cfg.policy_step.pairs_from == "policy" else 0,
     )
-    if isinstance(data, L.LightningDataModule):
-        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-    else:
-        trainer.fit(module, train_dataloaders=data, ckpt_path=ckpt_path)
+    with timing.stage(f"{step.__class__.__name__} policy steps (Lightning fit)"):
+        if isinstance(data, L.LightningDataModule):
+            trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        else:
+            trainer.fit(module, train_dataloaders=data, ckpt_path=ckpt_path)
     policy.eval()
     return policy, dual, module
 
@@ -393,6 +398,7 @@ def run(raw_cfg: DictConfig) -> dict:
     """The whole job. Returns the metrics a sweep optimises: the exact objective J, E[r], KL, TV to pi*, each
     constraint's achieved improvement and `constraint_violation` (b_i - achieved_i; feasible when all <= 0)."""
     started = time.perf_counter()
+    timing.reset()
     cfg = validate(raw_cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     _quiet_libraries()
@@ -436,12 +442,13 @@ def run(raw_cfg: DictConfig) -> dict:
 
     comparison = None
     if comparison_policy is not None:
-        with torch.no_grad():
+        with torch.no_grad(), timing.stage("exact evaluation (enumeration)"):
             one_shot_logprob = setup.task.enumerate_logprobs(comparison_policy).double()
         comparison = {"multipliers": setup.one_shot.tolist(), "exact": one_shot_dual.history[-1]["exact"],
                       "scores": report.task_score_means(setup, one_shot_logprob)}
-    with torch.no_grad():
+    with torch.no_grad(), timing.stage("exact evaluation (enumeration)"):
         final_logprob = setup.task.enumerate_logprobs(policy).double()
+    timings["by stage"] = timing.breakdown()
     summary = report.summarise(setup, dual.history, final_logprob, comparison, timings)
     files = report.write_outputs(output_dir, setup, final_logprob, summary, raw_cfg)
     if logger is not None:

@@ -179,5 +179,17 @@ def table(summary: dict) -> str:
         error = summary["gaps"]["improvement_error"][i]
         lines.append(f"|achieved - b| for {name}: {error:.4f} = {error / abs(b[i]) if b[i] else float('nan'):.1%} of b")
     lines.append(f"P* - J: {summary['gaps']['objective']:.4f} (std of r under pi_ref: {summary['reference_reward_std']:.4f})")
-    lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in summary["timings_s"].items()))
+    lines.append(time_lines(summary["timings_s"]))
     return "\n".join(lines)
+
+
+def time_lines(timings: dict) -> str:
+    """'time: phase 1.0s, ...' and, when measured, 'by stage: ...' (exclusive wall time, largest first)."""
+    phases = {k: v for k, v in timings.items() if not isinstance(v, dict)}
+    line = "time: " + ", ".join(f"{k} {v:.1f}s" for k, v in phases.items())
+    stages = timings.get("by stage")
+    if stages:
+        total = sum(stages.values())
+        line += "\nby stage: " + ", ".join(f"{k} {v:.1f}s ({v / total:.0%})"
+                                            for k, v in sorted(stages.items(), key=lambda kv: -kv[1]))
+    return line

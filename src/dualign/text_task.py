@@ -118,8 +118,11 @@ def reference_logps(setup, rollouts: Rollouts, prompt_ids, key: dict) -> torch.T
 
     def build(folder: Path) -> None:
         input_ids, attention_mask, response_mask = tokenized(prompt_ids, rollouts, task.tokenizer.pad_token_id)
-        values = sequence_logprobs(setup.reference, input_ids, attention_mask, response_mask,
-                                   batch_size=2 * setup.cfg.policy_step.batch_size)
+        from .timing import stage
+
+        with stage("reference log-probs"):
+            values = sequence_logprobs(setup.reference, input_ids, attention_mask, response_mask,
+                                       batch_size=2 * setup.cfg.policy_step.batch_size)
         torch.save(values, folder / "ref_logps.pt")
 
     def load(folder: Path) -> torch.Tensor:
