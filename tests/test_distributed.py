@@ -39,6 +39,7 @@ def test_two_process_ddp_gives_the_one_process_lambda_trajectory(tmp_path):
     assert all(record["ranks"] == 2 for record in summary["trajectory"])
     assert len(single) == len(double) == 3
     difference = max(abs(a - b) for x, y in zip(single, double) for a, b in zip(x, y))
+    print(f"\n1 vs 2 processes: lambda {single} vs {double}, max difference {difference:.2e}")
     assert difference < 1e-4, (single, double)
     assert single[-1] != single[0]  # lambda moved, so the comparison means something
 
@@ -58,6 +59,7 @@ def test_sigkill_mid_iteration_then_resume_matches_the_uninterrupted_run(tmp_pat
     uninterrupted, _ = _trajectory(tmp_path / "full")
     after_kill, _ = _trajectory(tmp_path / "killed")
     difference = max(abs(a - b) for x, y in zip(uninterrupted, after_kill) for a, b in zip(x, y))
+    print(f"\nuninterrupted vs SIGKILL + resume: lambda {uninterrupted} vs {after_kill}, max difference {difference:.2e}")
     assert len(after_kill) == 3 and difference < 1e-5, (uninterrupted, after_kill)
 
     import mlflow

@@ -171,3 +171,20 @@ def test_cache_is_reused_and_a_damaged_entry_is_rebuilt(tmp_path):
     cached_folder(tmp_path, "kind", {"model": "other", "rows": 4}, build, load)
     assert len(builds) == 3 and len(list((tmp_path / "kind").iterdir())) == 2
     assert not [p for p in (tmp_path / "kind").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_vllm_backend_without_vllm_is_a_one_line_error(tmp_path, cache_dir, make_cfg):
+    """vllm is optional: where it is not installed, asking for it is one clear line (skipped where it is)."""
+    try:
+        import vllm  # noqa: F401
+
+        pytest.skip("vllm is installed here")
+    except ImportError:
+        pass
+    from dualign.errors import LoadError
+
+    with pytest.raises(LoadError, match="generation.backend=vllm needs the vllm package") as error:
+        run(compose_text(tmp_path, cache_dir, "generation.backend=vllm"))
+    assert "\n" not in str(error.value)
+    with pytest.raises(ConfigError, match="generation.backend=vllm is for text tasks"):
+        validate(make_cfg("generation.backend=vllm"))

@@ -24,21 +24,44 @@ def cached_folder(root: str | os.PathLike, kind: str, key: dict, build: Callable
     """load(folder) of the cache entry for `key`; build(staging_folder) writes it first when it is missing or bad.
     `load` raises (any exception) when what it finds is not valid."""
     folder = Path(root) / kind / key_hash(key)
-    marker = folder / "key.json"
-    if marker.is_file():
-        try:
-            if json.loads(marker.read_text()) == json.loads(json.dumps(key, sort_keys=True, default=str)):
-                return load(folder)
-            log.warning("cache %s: key mismatch, rebuilding", folder)
-        except Exception as error:  # a damaged entry is rebuilt below
-            log.warning("cache %s is unusable (%s), rebuilding", folder, str(error).splitlines()[0] if str(error) else error)
+    expected = json.loads(json.dumps(key, sort_keys=True, default=str))
+    found = _valid(folder, expected, load)
+    if found is not _MISSING:
+        return found
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
     try:
         build(staging)
         (staging / "key.json").write_text(json.dumps(key, sort_keys=True, default=str))  # written last: marks complete
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(staging, folder)
+        # another process (a parallel sweep job, another rank) may have finished the same entry meanwhile: keep it
+        found = _valid(folder, expected, load, quiet=True)
+        if found is not _MISSING:
+            return found
+        shutil.rmtree(folder, ignore_errors=True)  # an incomplete or damaged entry
+        try:
+            os.replace(staging, folder)
+        except OSError:  # a complete entry appeared between the check and the rename
+            pass
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return load(folder)
+
+
+_MISSING = object()
+
+
+def _valid(folder: Path, expected, load, quiet: bool = False):
+    """load(folder) when it holds a complete entry for this key, else _MISSING."""
+    marker = folder / "key.json"
+    if not marker.is_file():
+        return _MISSING
+    try:
+        if json.loads(marker.read_text()) != expected:
+            if not quiet:
+                log.warning("cache %s: key mismatch, rebuilding", folder)
+            return _MISSING
+        return load(folder)
+    except Exception as error:  # a damaged entry is rebuilt
+        if not quiet:
+            log.warning("cache %s is unusable (%s), rebuilding", folder, str(error).splitlines()[0] if str(error) else error)
+        return _MISSING

@@ -89,6 +89,9 @@ class GenerationConfig:
     top_p: float = 1.0
     max_new_tokens: Optional[int] = None  # None: the exact task's response length; text tasks must set it
     batch_size: int = 4096  # sequences per generate call
+    cache: str = "dynamic"  # KV cache: dynamic | static (preallocated; faster for long generations where supported)
+    backend: str = "hf"  # hf (transformers generate) | vllm (text tasks on GPU; pip install vllm)
+    vllm_memory_fraction: float = 0.3  # GPU memory vLLM may take beside the training process
 
 
 @dataclass
@@ -290,6 +293,12 @@ def _validate_generation(typed: TrainConfig) -> None:
     if generation.max_new_tokens is not None:
         _positive("generation.max_new_tokens", generation.max_new_tokens)
     _positive("generation.batch_size", generation.batch_size)
+    _choice("generation.cache", generation.cache, ("dynamic", "static"))
+    _choice("generation.backend", generation.backend, ("hf", "vllm"))
+    if not 0 < generation.vllm_memory_fraction < 1:
+        raise ConfigError(f"generation.vllm_memory_fraction={generation.vllm_memory_fraction!r} must be in (0, 1)")
+    if generation.backend == "vllm" and isinstance(typed.data, ExactTaskConfig):
+        raise ConfigError("generation.backend=vllm is for text tasks; the exact task samples with generation.backend=hf")
 
 
 def _validate_exact(typed: TrainConfig) -> None:

@@ -49,6 +49,7 @@ class Setup:
     oracle: ExactOracle | None = None  # exact task only
     task_scores: dict[str, torch.Tensor] = field(default_factory=dict)  # exact task: every table, [P, N]
     evaluator: object = None  # text tasks: the TextEvaluator, once built
+    vllm: object = None  # generation.backend=vllm: the engine, once built
 
     @property
     def exact(self) -> bool:
@@ -64,19 +65,30 @@ class Setup:
         task, cfg = self.task, self.cfg
         source = prompt_set or task
         chosen = [int(i) for i in prompt_index]
-        length = task.max_new_tokens
         with timing.stage("rollouts (generate)"):
-            rollouts = sample_responses(
-            model, task.tokenizer, [source.prompts[i] for i in chosen], [source.prompt_token_ids[i] for i in chosen],
-                samples, length, seed=seed, temperature=cfg.generation.temperature, top_p=cfg.generation.top_p,
-                min_new_tokens=task.min_new_tokens, allowed_token_ids=task.allowed_token_ids,
-                batch_size=cfg.generation.batch_size,
-            )
+            rollouts = self._generate(model, [source.prompts[i] for i in chosen],
+                                      [source.prompt_token_ids[i] for i in chosen], samples, seed)
         rollouts.prompt_index = torch.tensor(chosen, dtype=torch.long)[rollouts.prompt_index]  # back to task indices
         if not score:
             return rollouts, None
         with timing.stage("scoring"):
             return rollouts, score_all(self.scorers, rollouts.prompts, rollouts.responses)
+
+    def _generate(self, model, prompts, prompt_ids, samples: int, seed: int):
+        task, generation = self.task, self.cfg.generation
+        if generation.backend == "vllm":
+            if self.vllm is None:
+                from .vllm_backend import VLLMGenerator
+
+                self.vllm = VLLMGenerator(self.cfg)
+            return self.vllm.sample(model, self.reference, task.tokenizer, prompts, prompt_ids, samples,
+                                    task.max_new_tokens, seed, generation.temperature, generation.top_p,
+                                    task.min_new_tokens)
+        return sample_responses(
+            model, task.tokenizer, prompts, prompt_ids, samples, task.max_new_tokens, seed=seed,
+            temperature=generation.temperature, top_p=generation.top_p, min_new_tokens=task.min_new_tokens,
+            allowed_token_ids=task.allowed_token_ids, batch_size=generation.batch_size, cache=generation.cache,
+        )
 
     def pairs_with_reference(self, rollouts, scores, cache_key: dict | None = None):
         """DPO pairs (consecutive responses of a prompt) with reference log-probabilities computed once for them

@@ -43,6 +43,7 @@ def sample_responses(
     min_new_tokens: int = 0,
     allowed_token_ids: torch.Tensor | None = None,
     batch_size: int = 4096,
+    cache: str = "dynamic",
 ) -> Rollouts:
     """num_samples responses for every prompt, prompt-major order. Deterministic for a given seed.
 
@@ -75,6 +76,8 @@ def sample_responses(
                 min_new_tokens=min_new_tokens,
                 num_return_sequences=num_samples,
                 logits_processor=processors,
+                # static: a preallocated KV cache written in place (the dynamic one concatenates every step)
+                **({"cache_implementation": "static"} if cache == "static" else {}),
                 pad_token_id=pad_id,
                 eos_token_id=tokenizer.eos_token_id,
             )
