@@ -46,6 +46,12 @@ class DualUpdate(L.Callback):
         self.history: list[dict] = []
         self._running = None  # (sum [m], count) since the last step-triggered update
 
+    def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.world_size > 1:  # rank 0's one-shot lambda, E_ref[g] and thresholds are every rank's
+            module.multipliers.copy_(trainer.strategy.broadcast(module.multipliers.detach().clone(), src=0))
+            self.reference_mean = trainer.strategy.broadcast(self.reference_mean, src=0)
+            self.threshold = trainer.strategy.broadcast(self.threshold, src=0)
+
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if self.iteration == 0:  # lambda_0 at step 0, so the trajectory in MLflow starts where training did
             initial = module.multipliers.detach().cpu().tolist()
