@@ -102,3 +102,12 @@ def test_absolute_threshold_is_a_level_of_the_utility(make_cfg):
     # the exact instance measures b against the exact E_ref[g]
     exact_level = absolute.oracle.instance.reference_mean[0].item()
     assert abs(absolute.oracle.instance.threshold[0].item() - (level - exact_level)) < 1e-6
+
+
+def test_callable_scorer_beside_the_exact_tables(make_cfg):
+    """A configured scorer (here a callable) serves a constraint while the reward stays the exact task's table."""
+    cfg = make_cfg("algorithm.iterations=1", "constraints=none", "+constraints.brevity.scorer=length",
+                   "+constraints.brevity.negate=true", "+constraints.brevity.threshold=-0.5",
+                   "+scorers.length.kind=callable", "+scorers.length._target_=dualign.scorers.response_length")
+    metrics = run(cfg)
+    assert metrics["improvement_brevity"] == pytest.approx(0.0, abs=1e-6)  # every exact-task response has 3 words

@@ -226,8 +226,6 @@ def write_and_log(output_dir: Path, summary: dict, logger, raw_cfg, history=None
     """summary.json, samples.jsonl, config.yaml and the plots; then MLflow metrics, artifacts and the sample table."""
     from omegaconf import OmegaConf
 
-    from . import report
-
     output_dir.mkdir(parents=True, exist_ok=True)
     result, comparison = summary["evaluation"], (summary.get("one_shot") or {}).get("evaluation")
     files = plot(output_dir, result, comparison, history, names)

@@ -2,7 +2,6 @@
 policy with the configured algorithm, evaluate exactly and write the run's files. `train.py` only calls `run`."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -23,7 +22,7 @@ from .module import AlignmentModule
 from .oracle import ExactOracle, Instance
 from .policy_steps import DPOStep, ExactStep, PolicyGradientStep
 from .rollout import sample_responses
-from .scorers import Negated, score_all
+from .scorers import score_all
 
 log = logging.getLogger("dualign")
 
@@ -62,8 +61,7 @@ class Setup:
     def sample_and_score(self, model, prompt_index, samples: int, seed: int, prompt_set=None, score: bool = True):
         """The one rollout path: `samples` responses per prompt from `model`, scored by reward and constraints
         ([1 + m, n]; None when score=False). prompt_set: the task's training prompts unless given (test prompts)."""
-        task, cfg = self.task, self.cfg
-        source = prompt_set or task
+        source = prompt_set or self.task
         chosen = [int(i) for i in prompt_index]
         with timing.stage("rollouts (generate)"):
             rollouts = self._generate(model, [source.prompts[i] for i in chosen],
@@ -133,15 +131,10 @@ def build(cfg: TrainConfig) -> Setup:
         return setup
     task = ExactTask(cfg.data)
     reference = reference_policy(task, cfg.model, cfg.paths.cache_dir)
-    available = task.scorers()
-    if cfg.scorers:  # callables (or models) configured beside the tables
-        from .text_task import load_scorers
+    from .text_task import load_scorers
 
-        available.update({name: scorer for name, scorer in load_scorers(cfg)[0].items() if name not in available})
+    _, scorers = load_scorers(cfg, available=task.scorers())  # the tables, and any configured scorer beside them
     names = list(cfg.constraints)
-    scorers = [available[cfg.reward.scorer]] + [
-        Negated(available[c.scorer]) if c.negate else available[c.scorer] for c in cfg.constraints.values()
-    ]
     P, samples = len(task.prompts), cfg.reference.samples_per_prompt
     setup.task, setup.reference, setup.scorers, setup.names = task, reference, scorers, names
 

@@ -12,7 +12,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-import torch
 import yaml
 
 from .oracle import ExactOracle, Instance

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .cache import cached_folder
-from .data import preference_pairs, sequence_logprobs, tokenized
+from .data import sequence_logprobs, tokenized
 from .hf_models import PromptFormatter, fingerprint, load_policy, load_tokenizer, reference_for
 from .rollout import Rollouts, from_dataset, to_dataset
 from .scorers import Negated, build_scorer, score_all
@@ -74,11 +74,14 @@ def scorer_key(cfg, names: list[str]) -> dict:
     return key
 
 
-def load_scorers(cfg) -> tuple[dict, list]:
-    """Each configured scorer that the run uses, loaded once: ({name: scorer}, [reward, utility_1, ...]) where a
-    utility is the scorer or its negation."""
+def load_scorers(cfg, available: dict | None = None) -> tuple[dict, list]:
+    """Each configured scorer (`cfg.scorers`) that the run uses, loaded once, beside those the task already has
+    (`available`: the exact task's tables): ({name: scorer}, [reward, utility_1, ...]), a utility being the scorer
+    or its negation."""
+    available = dict(available or {})
     used = [cfg.reward.scorer] + [c.scorer for c in cfg.constraints.values()]
-    raw = {name: build_scorer(name, cfg.scorers[name]) for name in dict.fromkeys(used)}
+    raw = {name: available[name] if name in available else build_scorer(name, cfg.scorers[name])
+           for name in dict.fromkeys(used)}
     assembled = [raw[cfg.reward.scorer]] + [Negated(raw[c.scorer]) if c.negate else raw[c.scorer]
                                              for c in cfg.constraints.values()]
     return raw, assembled
