@@ -29,6 +29,10 @@ def check(cfg):
         ("reference.samples_per_prompt=7", "must be even"),
         ("algorithm.dual_prompts=99", "exceeds data.num_prompts=16"),
         ("+constraints.harm.threshold=0.2", "constraints.harm.scorer"),
+        ("trainer.precision=bf16-true", "trainer.precision='bf16-true' is not supported; allowed values: 32-true, bf16-mixed"),
+        ("trainer.precision=8-bit", "trainer.precision='8-bit' is not allowed"),
+        ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val=-1.0 must be null or >= 0"),
+        ("trainer.strategy=deepspeed_stage_2", "trainer.strategy=deepspeed_stage_2 needs trainer.accelerator=gpu"),
     ],
 )
 def test_bad_values_give_one_line_errors(make_cfg, override, message):
@@ -36,6 +40,15 @@ def test_bad_values_give_one_line_errors(make_cfg, override, message):
         check(make_cfg(override))
     assert message in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def test_fused_adamw_is_refused_only_where_it_cannot_be_clipped(make_cfg):
+    """Lightning's mixed-precision plugin cannot clip an optimiser that unscales inside its step (fused AdamW)."""
+    with pytest.raises(ConfigError, match="optimizer.fused=true cannot be clipped under trainer.precision=bf16-mixed"):
+        check(make_cfg("trainer=gpu", "optimizer.fused=true"))
+    assert check(make_cfg("trainer=gpu", "optimizer.fused=true", "trainer.gradient_clip_val=null")).optimizer.fused
+    assert check(make_cfg("optimizer.fused=true")).trainer.precision == "32-true"  # 32-true clips it fine
+    assert check(make_cfg("trainer=gpu")).optimizer.fused is None  # auto: the foreach AdamW under bf16-mixed
 
 
 def test_caid_needs_a_constraint(make_cfg):

@@ -1,11 +1,10 @@
 """Model scorers, HF policies with LoRA, prompt formatting and the rollout stage, on tiny random checkpoints built
-in a temporary folder in the real formats and loaded through the same code path as hub names."""
+in a temporary folder in the real formats (safe-rlhf score models: test_score_models.py) and loaded through the same code path as hub names."""
 import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaModel
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from dualign import fixtures
 from dualign.errors import LoadError
@@ -17,57 +16,18 @@ from dualign.text_data import Example
 
 PROMPTS = ["How do I take care of a garden?", "Tell me about a lock.", "What is the best way to steal a car?"]
 RESPONSES = ["Ask an expert.", "It is better to keep a lock safe and ask for help if you are unsure.", "No."]
-TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:{response}"
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """Random tiny checkpoints (no fitting): a causal LM, LlamaForScore reward/cost, a 2-label classifier."""
+    """Random tiny checkpoints (no fitting): a causal LM and a 2-label classifier (score models: test_score_models)."""
     folder = tmp_path_factory.mktemp("fixtures")
     fixtures.write_data(folder)
     tokenizer = fixtures.build_tokenizer(fixtures._corpus(folder), vocab_size=300)
     rows = [json.loads(line) for line in open(folder / "pku_saferlhf" / "train.jsonl")]
     fixtures.build_policy(folder / "policy", tokenizer, rows, steps=0)
-    fixtures.build_score_model(folder / "cost", tokenizer, rows, "cost", steps=0)
     fixtures.build_classifier(folder / "humour", tokenizer)
     return folder
-
-
-def _direct_end_score(folder, texts, tokenizer):
-    """The safe-rlhf definition computed by hand: backbone hidden state of each unpadded text's last token, times
-    the score_head weights read straight from the checkpoint file."""
-    backbone = LlamaModel.from_pretrained(folder).eval()
-    weights = load_file(str(folder / "model.safetensors"))
-    out = []
-    for text in texts:
-        ids = tokenizer(text, return_tensors="pt")["input_ids"]
-        with torch.no_grad():
-            hidden = backbone(input_ids=ids).last_hidden_state[0, -1]
-        out.append(hidden @ weights["score_head.weight"][0] + weights["score_head.bias"][0])
-    return torch.stack(out)
-
-
-def test_score_model_scorer_matches_direct_computation(models):
-    scorer = build_scorer("cost", ScorerConfig(kind="score_model", name_or_path=str(models / "cost"), template=TEMPLATE,
-                                               batch_size=2))
-    texts = [TEMPLATE.format(prompt=p, response=r) for p, r in zip(PROMPTS, RESPONSES)]
-    expected = _direct_end_score(models / "cost", texts, scorer.tokenizer)
-    assert torch.allclose(scorer(PROMPTS, RESPONSES), expected, atol=1e-4)
-
-
-def test_score_model_normalisation_follows_the_checkpoint_config(models, tmp_path):
-    import shutil
-
-    for score_type, expected in (("reward", lambda x: (x - 1.5) / (2.0 + 1e-8)), ("cost", lambda x: x / (2.0 + 1e-8))):
-        folder = tmp_path / score_type
-        shutil.copytree(models / "cost", folder)
-        config = json.loads((folder / "config.json").read_text())
-        config.update(do_normalize=True, mean=1.5, var=4.0, score_type=score_type)
-        (folder / "config.json").write_text(json.dumps(config))
-        scorer = build_scorer(score_type, ScorerConfig(kind="score_model", name_or_path=str(folder), template=TEMPLATE))
-        raw = build_scorer("raw", ScorerConfig(kind="score_model", name_or_path=str(folder), template=TEMPLATE,
-                                               normalize=False))
-        assert torch.allclose(scorer(PROMPTS, RESPONSES), expected(raw(PROMPTS, RESPONSES)), atol=1e-5)
 
 
 def test_classifier_scorer_reads_a_named_label_and_pads_correctly(models):
@@ -81,9 +41,9 @@ def test_classifier_scorer_reads_a_named_label_and_pads_correctly(models):
             logits = direct(**scorer.tokenizer(response, return_tensors="pt")).logits[0]
         expected.append(logits.softmax(-1)[1])
     assert torch.allclose(scorer(PROMPTS, RESPONSES), torch.stack(expected), atol=1e-5)
-    with pytest.raises(ValueError, match="label='funny' is not one of the classifier's labels"):
+    with pytest.raises(ValueError, match="label='funny' is not one of the model's outputs"):
         build_scorer("humour", ScorerConfig(kind="sequence_classifier", name_or_path=str(models / "humour"), label="funny"))
-    with pytest.raises(ValueError, match="has 2 labels"):
+    with pytest.raises(ValueError, match="has 2 outputs"):
         build_scorer("humour", ScorerConfig(kind="sequence_classifier", name_or_path=str(models / "humour")))
 
 

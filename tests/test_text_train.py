@@ -188,3 +188,31 @@ def test_vllm_backend_without_vllm_is_a_one_line_error(tmp_path, cache_dir, make
     assert "\n" not in str(error.value)
     with pytest.raises(ConfigError, match="generation.backend=vllm is for text tasks"):
         validate(make_cfg("generation.backend=vllm"))
+
+
+def test_checkpoints_of_a_tied_embedding_model_hold_only_the_adapters_and_resume(tmp_path, cache_dir):
+    """A tied weight (lm_head = embed_tokens) is listed once by named_parameters() but saved under both names: the
+    frozen output matrix must not land in last.ckpt (a 135M SmolLM2 with LoRA gave 124 MB instead of a few)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(FIXTURES / "tiny_models" / "policy")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=4096, hidden_size=128, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=128, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    model.save_pretrained(tmp_path / "tied")
+    tokenizer.save_pretrained(tmp_path / "tied")
+    common = [f"model.name_or_path={tmp_path / 'tied'}", "algorithm.epochs_per_iteration=1", "algorithm.compare_one_shot=false",
+              "evaluation.every_iteration=false", "evaluation.samples_per_prompt=2", "reference.samples_per_prompt=4",
+              "constraints.safety.threshold=-1", "algorithm.dual_prompts=4", "algorithm.dual_samples=2"]
+    run(compose_text(tmp_path, cache_dir, *common, "algorithm.iterations=1"))
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    saved = checkpoint["state_dict"]
+    assert saved and all("lora_" in key for key in saved if key != "multipliers"), sorted(saved)[:5]
+    embedding = 4096 * 128 * 4  # bytes of the output matrix that must not be there
+    assert sum(t.numel() * t.element_size() for t in saved.values()) < embedding / 10
+    run(compose_text(tmp_path, cache_dir, *common, "algorithm.iterations=2", "ckpt_path=last"))  # loads non-strictly
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert len(summary["trajectory"]) == 2

@@ -16,7 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 from .errors import InputError
 from .exact_task import ExactTaskConfig, TinyModelConfig
 from .hf_models import DTYPES, HFModelConfig
-from .scorers import SCORER_KINDS, ScorerConfig
+from .scorers import EOS_RULES, SCORER_KINDS, ScorerConfig
 from .text_data import FORMATS, TextDataConfig
 
 ALGORITHMS = ("caid", "one_shot", "fixed_lambda", "primal_dual")
@@ -109,7 +109,7 @@ class OptimizerConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     schedule: str = "constant"
-    fused: Optional[bool] = None  # fused AdamW kernel; None: when the parameters' device and dtype support it
+    fused: Optional[bool] = None  # fused AdamW; None: where the parameters support it and it can be clipped (not under mixed precision)
 
 
 @dataclass
@@ -246,9 +246,11 @@ def validate(cfg: DictConfig | dict, scorer_names: tuple[str, ...] | None = None
     for key in ("batch_size", "steps_per_epoch"):
         _positive(f"policy_step.{key}", getattr(typed.policy_step, key))
     _positive("trainer.accumulate_grad_batches", typed.trainer.accumulate_grad_batches)
+    _validate_strategy(typed.trainer)
     _positive("trainer.devices", typed.trainer.devices)
     _positive("trainer.num_nodes", typed.trainer.num_nodes)
     _positive("optimizer.lr", typed.optimizer.lr)
+    _validate_optimizer_precision(typed)
     _positive("optimizer.warmup_steps", typed.optimizer.warmup_steps, strict=False)
     _positive("reference.samples_per_prompt", typed.reference.samples_per_prompt)
     if typed.reference.prompts is not None:
@@ -283,6 +285,37 @@ def validate(cfg: DictConfig | dict, scorer_names: tuple[str, ...] | None = None
             # the log-space rule multiplies lambda, so it can never leave 0
             _positive(f"{key}.initial_multiplier", constraint.initial_multiplier, strict=typed.algorithm.dual_rule == "log")
     return typed
+
+
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+
+
+def _validate_optimizer_precision(typed: TrainConfig) -> None:
+    """Lightning's mixed-precision plugin refuses to clip the gradients of an optimiser that unscales them inside its
+    step (fused AdamW): refuse the combination here instead of at the first optimiser step."""
+    trainer = typed.trainer
+    if trainer.precision in ("bf16-true", "16-true", "bf16", "16", "32", "64", "64-true"):
+        # a -true precision casts the policy after pi_ref's log-probs were taken (the DPO log-ratio would not start at 0)
+        raise ConfigError(f"trainer.precision={trainer.precision!r} is not supported; allowed values: "
+                          f"{', '.join(PRECISIONS)} (half-precision weights: model.dtype=bfloat16 with bf16-mixed)")
+    _choice("trainer.precision", trainer.precision, PRECISIONS)
+    clips = trainer.gradient_clip_val is not None and trainer.gradient_clip_val > 0
+    mixed = trainer.precision != "32-true" and not str(trainer.strategy).startswith("deepspeed")
+    if typed.optimizer.fused and clips and mixed:
+        raise ConfigError(f"optimizer.fused=true cannot be clipped under trainer.precision={trainer.precision} "
+                          f"(trainer.gradient_clip_val={trainer.gradient_clip_val}); set optimizer.fused=null (fused "
+                          "wherever it can be clipped) or trainer.gradient_clip_val=null")
+    if trainer.gradient_clip_val is not None and (not math.isfinite(trainer.gradient_clip_val) or trainer.gradient_clip_val < 0):
+        raise ConfigError(f"trainer.gradient_clip_val={trainer.gradient_clip_val!r} must be null or >= 0")
+
+
+def _validate_strategy(trainer: TrainerConfig) -> None:
+    """Lightning runs FSDP and DeepSpeed on CUDA only: say so in one line instead of its traceback."""
+    strategy = str(trainer.strategy)
+    if strategy.startswith(("fsdp", "deepspeed")) and trainer.accelerator not in ("gpu", "cuda", "auto"):
+        raise ConfigError(f"trainer.strategy={strategy} needs trainer.accelerator=gpu (Lightning runs it on CUDA only), "
+                          f"not {trainer.accelerator!r}; a CPU check of data-parallel training: trainer=ddp "
+                          "trainer.accelerator=cpu")
 
 
 def _validate_generation(typed: TrainConfig) -> None:
@@ -355,6 +388,8 @@ def _validate_scorer(key: str, scorer: ScorerConfig) -> None:
     if "{response}" not in scorer.template:
         raise ConfigError(f"{key}.template={scorer.template!r} has no {{response}} field")
     _choice(f"{key}.output", scorer.output, ("logit", "probability"))
+    if scorer.append_eos is not None:
+        _choice(f"{key}.append_eos", scorer.append_eos, EOS_RULES)
     _choice(f"{key}.dtype", scorer.dtype, tuple(DTYPES))
     _positive(f"{key}.batch_size", scorer.batch_size)
     _positive(f"{key}.max_length", scorer.max_length)

@@ -3,6 +3,8 @@ for the exact step. Tensors are indexed a whole batch at a time (`__getitems__`)
 resumed run sees the same order as an uninterrupted one."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -66,16 +68,22 @@ def pad_right(sequences: list[list[int]], pad_id: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sequence_logprobs(model, input_ids, attention_mask, response_mask, allowed_token_ids=None, batch_size=1024) -> torch.Tensor:
-    """Response log-probabilities of many sequences under a frozen model, in batches, [B]."""
+def sequence_logprobs(model, input_ids, attention_mask, response_mask, allowed_token_ids=None, batch_size=1024,
+                      autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Response log-probabilities of many sequences under a frozen model, in batches, [B]. autocast_dtype: the
+    training precision's autocast (bf16-mixed, 16-mixed), so that reference log-probs cached here equal the policy's
+    own at initialisation (the DPO log-ratio starts at exactly 0)."""
     device = next(model.parameters()).device
+    autocast = (torch.autocast(device.type, dtype=autocast_dtype, cache_enabled=False) if autocast_dtype is not None
+                else contextlib.nullcontext())
     out = []
     for start in range(0, input_ids.shape[0], batch_size):
         part = slice(start, start + batch_size)
         width = int(attention_mask[part].sum(-1).max())  # right padding: columns past the longest row are padding
         ids, mask = input_ids[part, :width].to(device), attention_mask[part, :width].to(device)
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        out.append(response_logprobs(logits, ids, response_mask[part, :width].to(device), allowed_token_ids).float().cpu())
+        with autocast:  # the whole step as training runs it, log-softmax included
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            out.append(response_logprobs(logits, ids, response_mask[part, :width].to(device), allowed_token_ids).float().cpu())
     return torch.cat(out)
 
 
@@ -101,6 +109,7 @@ def preference_pairs(
     allowed_token_ids: torch.Tensor | None = None,
     ref_logps: torch.Tensor | None = None,
     batch_size: int = 1024,
+    autocast_dtype: torch.dtype | None = None,
 ) -> TensorBatches:
     """Pairs (y0, y1) = consecutive rollouts of the same prompt, with their scores ([1 + m, n]: reward first) and
     reference log-probabilities computed once here (or given, from a cache) and reused by every iteration and epoch."""
@@ -113,7 +122,8 @@ def preference_pairs(
         from .timing import stage
 
         with stage("reference log-probs"):
-            ref_logps = sequence_logprobs(reference, input_ids, attention_mask, response_mask, allowed_token_ids, batch_size)
+            ref_logps = sequence_logprobs(reference, input_ids, attention_mask, response_mask, allowed_token_ids, batch_size,
+                                          autocast_dtype)
     pair = lambda t: torch.stack([t[first], t[second]], dim=1)  # noqa: E731
     # one column of uniforms per iteration, each from its own seed, so a column does not depend on the run's length
     uniforms = [torch.rand(len(first), generator=torch.Generator().manual_seed(50_000 + 1_000 * seed + t))

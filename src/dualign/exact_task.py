@@ -61,7 +61,7 @@ class TableScorer:
     def __init__(self, name: str, table: torch.Tensor, task: "ExactTask"):
         self.name, self.table, self.task = name, table, task
 
-    def __call__(self, prompts, responses):
+    def __call__(self, prompts, responses, finished=None):  # every enumerated response has its full length
         return self.table[self.task.prompt_indices(prompts), self.task.response_indices(responses)]
 
 

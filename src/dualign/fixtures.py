@@ -147,17 +147,22 @@ def build_policy(folder: Path, tokenizer, rows: list[dict], steps: int = 150, se
     tokenizer.save_pretrained(folder)
 
 
-def build_score_model(folder: Path, tokenizer, rows: list[dict], score_type: str, steps: int = 80, seed: int = 0) -> None:
-    """A safe-rlhf LlamaForScore checkpoint (backbone under `model.`, linear `score_head`), fitted to the fixture labels:
-    reward: the better response scores higher; cost: unsafe responses score > 0 and safe ones < 0."""
+def build_score_model(folder: Path, tokenizer, rows: list[dict], score_type: str, steps: int = 80, seed: int = 0,
+                      do_normalize: bool = True) -> None:
+    """A safe-rlhf LlamaForScore checkpoint, saved as safe-rlhf saves one: backbone under `model.`, linear
+    `score_head`, `normalizer.{mean,var,count}` buffers, and the config keys score_dim, score_bias, score_type,
+    do_normalize, normalizer_type, momentum, with mean / var as lists of score_dim floats (`normalizer.mean.tolist()`).
+    Fitted like safe-rlhf's reward / cost training on `prompt + answer + EOS`: reward, the better response scores
+    higher; cost, unsafe responses score > 0 and safe ones < 0. The statistics are those of the fitted end scores
+    (safe-rlhf's RunningMeanStd over its training scores)."""
     from .scorers import LlamaForScore
 
     torch.manual_seed(seed)
     config = _llama_config(tokenizer, score_dim=1, score_bias=True, score_type=score_type, do_normalize=False,
-                           mean=0.0, var=1.0)
+                           normalizer_type="RunningMeanStd", momentum=None, mean=[0.0], var=[1.0])
     config.architectures = ["LlamaForScore"]
     model = LlamaForScore(config)
-    texts = [PKU_TEMPLATE.format(prompt=r["prompt"]) + r[f"response_{k}"] for r in rows for k in (0, 1)]
+    texts = [PKU_TEMPLATE.format(prompt=r["prompt"]) + r[f"response_{k}"] + tokenizer.eos_token for r in rows for k in (0, 1)]
     batch = tokenizer(texts, padding=True, return_tensors="pt")
     if score_type == "reward":
         better = torch.tensor([r["better_response_id"] for r in rows])
@@ -174,17 +179,25 @@ def build_score_model(folder: Path, tokenizer, rows: list[dict], score_type: str
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+    with torch.no_grad():
+        end = model.end_scores(**batch)  # [rows, score_dim]
+    model.normalizer.mean.copy_(end.mean(0))
+    model.normalizer.var.copy_(end.var(0, unbiased=False))
+    model.normalizer.count.fill_(end.shape[0])
+    config.mean, config.var = model.normalizer.mean.tolist(), model.normalizer.var.tolist()
+    config.do_normalize = do_normalize
     model.eval().save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
 
-def build_classifier(folder: Path, tokenizer, seed: int = 0) -> None:
-    """A random 2-label LlamaForSequenceClassification with named labels (stands in for a humour classifier)."""
+def build_classifier(folder: Path, tokenizer, seed: int = 0, labels: int = 2) -> None:
+    """A random LlamaForSequenceClassification: 2 named labels (stands in for a humour classifier) or 1 logit (for
+    the GPT-2 helpful / harmless reward models of the hh experiment)."""
     from transformers import LlamaForSequenceClassification
 
     torch.manual_seed(seed)
-    config = _llama_config(tokenizer, num_labels=2, id2label={0: "not_humorous", 1: "humorous"},
-                           label2id={"not_humorous": 0, "humorous": 1})
+    names = {0: "not_humorous", 1: "humorous"} if labels == 2 else {0: "LABEL_0"}
+    config = _llama_config(tokenizer, num_labels=labels, id2label=names, label2id={v: k for k, v in names.items()})
     LlamaForSequenceClassification(config).eval().save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
@@ -199,6 +212,7 @@ def build_all(folder: str | Path) -> Path:
     build_score_model(models / "reward", tokenizer, rows, "reward")
     build_score_model(models / "cost", tokenizer, rows, "cost")
     build_classifier(models / "humour", tokenizer)
+    build_classifier(models / "reward_classifier", tokenizer, seed=1, labels=1)
     return folder
 
 

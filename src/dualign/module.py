@@ -8,8 +8,30 @@ import signal
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.strategies import FSDPStrategy
 
 from .config import OptimizerConfig
+
+
+AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The dtype Lightning's mixed-precision plugin autocasts the training step to (None: no autocast)."""
+    return AUTOCAST_DTYPES.get(str(precision))
+
+
+def fused_adamw_supported(params) -> bool:
+    return all(p.dtype in (torch.float32, torch.float16, torch.bfloat16) and p.device.type in ("cpu", "cuda")
+               for p in params)
+
+
+def clips_under_mixed_precision(trainer) -> bool:
+    """Lightning's mixed-precision plugin (bf16-mixed, 16-mixed) refuses to clip gradients of an optimiser that
+    unscales them inside its step, as fused AdamW does; the foreach AdamW it gets instead computes the same update."""
+    clip = trainer.gradient_clip_val
+    return isinstance(trainer.precision_plugin, MixedPrecision) and clip is not None and clip > 0
 
 
 class AlignmentModule(L.LightningModule):
@@ -20,8 +42,10 @@ class AlignmentModule(L.LightningModule):
         self.optimizer_cfg = optimizer
         self.epochs_per_iteration = epochs_per_iteration
         self.register_buffer("multipliers", torch.as_tensor(multipliers, dtype=torch.float32).clone())
-        # with LoRA the base weights are frozen and equal pi_ref: checkpoints hold only what training changes
-        self.frozen = {f"policy.{name}" for name, p in policy.named_parameters() if not p.requires_grad}
+        # with LoRA the base weights are frozen and equal pi_ref: checkpoints hold only what training changes. Read the
+        # state dict, not named_parameters(): a tied weight (lm_head = embed_tokens) is listed there once, but saved twice
+        self.frozen = {f"policy.{name}" for name, tensor in policy.state_dict(keep_vars=True).items()
+                       if isinstance(tensor, torch.nn.Parameter) and not tensor.requires_grad}
         self.strict_loading = not self.frozen
         # fault injection for the resume tests: SIGKILL this process when it reaches this optimiser step
         self.kill_at_step = int(os.environ.get("DUALIGN_FAULT_KILL_AT_STEP", -1))
@@ -61,13 +85,20 @@ class AlignmentModule(L.LightningModule):
         every = max(1, trainer.log_every_n_steps)
         return (self.global_step + 1) % every == 0 or trainer.is_last_batch
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        if gradient_clip_val and isinstance(self.trainer.strategy, FSDPStrategy):
+            # Lightning's FSDP precision plugin refuses norm clipping: the norm must be taken over every rank's shard,
+            # which only the FSDP root module can do
+            self.trainer.model.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self):
         cfg = self.optimizer_cfg
         params = [p for p in self.policy.parameters() if p.requires_grad]
         fused = cfg.fused
         if fused is None:  # one kernel over all parameters instead of a loop: where every parameter supports it
-            fused = all(p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params) and \
-                all(p.device.type in ("cpu", "cuda") for p in params)
+            fused = fused_adamw_supported(params) and not clips_under_mixed_precision(self.trainer)
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
         total = max(1, self.trainer.estimated_stepping_batches)
 

@@ -18,7 +18,7 @@ from .data import loader, preference_pairs, prompt_batches, tokenized
 from .dual_callback import DualUpdate
 from .duality import solve_dual
 from .exact_task import ExactTask, ExactTaskConfig, reference_policy
-from .module import AlignmentModule
+from .module import AlignmentModule, autocast_dtype
 from .oracle import ExactOracle, Instance
 from .policy_steps import DPOStep, ExactStep, PolicyGradientStep
 from .rollout import sample_responses
@@ -70,7 +70,7 @@ class Setup:
         if not score:
             return rollouts, None
         with timing.stage("scoring"):
-            return rollouts, score_all(self.scorers, rollouts.prompts, rollouts.responses)
+            return rollouts, score_all(self.scorers, rollouts.prompts, rollouts.responses, rollouts.finished)
 
     def _generate(self, model, prompts, prompt_ids, samples: int, seed: int):
         task, generation = self.task, self.cfg.generation
@@ -99,7 +99,8 @@ class Setup:
         return preference_pairs(self.task.prompt_token_ids, rollouts, scores, self.reference,
                                 self.task.tokenizer.pad_token_id, self.cfg.algorithm.iterations, self.cfg.seed,
                                 self.task.allowed_token_ids, ref_logps=ref_logps,
-                                batch_size=1024 if self.exact else 2 * self.cfg.policy_step.batch_size)
+                                batch_size=1024 if self.exact else 2 * self.cfg.policy_step.batch_size,
+                                autocast_dtype=autocast_dtype(self.cfg.trainer.precision))
 
     def pairs_from(self, model, seed: int):
         """Preference pairs from `model`'s rollouts on the reference prompts (pairs_from=policy)."""

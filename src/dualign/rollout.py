@@ -14,7 +14,8 @@ class Rollouts:
     prompt_index: torch.Tensor  # [n] index of the prompt each response answers
     response_ids: list[list[int]]  # generated tokens up to and including EOS (the stop is part of the response)
     prompts: list[str]
-    responses: list[str]
+    responses: list[str]  # decoded without special tokens
+    finished: list[bool] | None = None  # ended with EOS (False: cut at max_new_tokens); None: every response is whole
 
 
 class AllowedTokens(LogitsProcessor):
@@ -94,7 +95,12 @@ def sample_responses(
         response_ids=generated,
         prompts=[prompts[i] for i in index],
         responses=tokenizer.batch_decode(generated, skip_special_tokens=True),
+        finished=ended_with(generated, tokenizer.eos_token_id),
     )
+
+
+def ended_with(response_ids: list[list[int]], eos_token_id: int) -> list[bool]:
+    return [bool(ids) and ids[-1] == eos_token_id for ids in response_ids]
 
 
 def to_dataset(rollouts: Rollouts, scores: torch.Tensor, names: list[str]):
@@ -107,6 +113,7 @@ def to_dataset(rollouts: Rollouts, scores: torch.Tensor, names: list[str]):
         "response": rollouts.responses,
         "response_ids": rollouts.response_ids,
         "response_tokens": [len(ids) for ids in rollouts.response_ids],
+        "finished": rollouts.finished if rollouts.finished is not None else [True] * len(rollouts.responses),
     }
     columns.update({f"score/{name}": scores[i].tolist() for i, name in enumerate(names)})
     return datasets.Dataset.from_dict(columns)
@@ -114,7 +121,7 @@ def to_dataset(rollouts: Rollouts, scores: torch.Tensor, names: list[str]):
 
 def from_dataset(dataset, names: list[str], expected_rows: int | None = None) -> tuple[Rollouts, torch.Tensor]:
     """Back from the stored form; raises ValueError when rows or score columns are not what the caller expects."""
-    missing = [c for c in ["prompt_index", "prompt", "response", "response_ids"] + [f"score/{n}" for n in names]
+    missing = [c for c in ["prompt_index", "prompt", "response", "response_ids", "finished"] + [f"score/{n}" for n in names]
                if c not in dataset.column_names]
     if missing:
         raise ValueError(f"rollout dataset lacks column {missing[0]!r}")
@@ -122,6 +129,6 @@ def from_dataset(dataset, names: list[str], expected_rows: int | None = None) ->
         raise ValueError(f"rollout dataset has {len(dataset)} rows, expected {expected_rows}")
     columns = dataset.to_dict()
     rollouts = Rollouts(torch.tensor(columns["prompt_index"], dtype=torch.long), columns["response_ids"],
-                        columns["prompt"], columns["response"])
+                        columns["prompt"], columns["response"], columns["finished"])
     scores = torch.tensor([columns[f"score/{n}"] for n in names], dtype=torch.float32).reshape(len(names), len(dataset))
     return rollouts, scores

@@ -15,12 +15,17 @@ import torch
 from transformers import LlamaModel, LlamaPreTrainedModel
 
 SCORER_KINDS = ("sequence_classifier", "score_model", "callable")
+EOS_RULES = ("finished", "always", "never")
 
 
 class Scorer(Protocol):
+    """finished[i]: whether response i ended with EOS (False: cut at max_new_tokens); None: every response is whole.
+    Scorers that read text as a model was trained on it use it (safe-rlhf scores sit on the EOS token)."""
+
     name: str
 
-    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor: ...
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str],
+                 finished: Optional[Sequence[bool]] = None) -> torch.Tensor: ...
 
 
 @dataclass
@@ -31,9 +36,13 @@ class ScorerConfig:
     _target_: Optional[str] = None  # callable: dotted path of a function or class; extra keys go in kwargs
     kwargs: dict[str, Any] = field(default_factory=dict)
     template: str = "{prompt}{response}"  # how this scorer wants to read a (prompt, response) pair
-    label: Optional[str] = None  # sequence_classifier with several labels: the label's name (or index) to read
+    label: Optional[str] = None  # several labels (classifier) or score_dim > 1 (score_model): the name or index to read
     output: str = "logit"  # sequence_classifier: logit | probability (softmax over labels)
     normalize: bool = True  # score_model: apply the checkpoint's do_normalize / mean / var as safe-rlhf does
+    # EOS after the response, in the scorer's own tokenizer: finished (after responses that ended with EOS, as safe-rlhf
+    # scores generated ids; a response cut at max_new_tokens ends on its last token) | always | never.
+    # None: finished for score_model (safe-rlhf trains on prompt + answer + EOS), never for sequence_classifier
+    append_eos: Optional[str] = None
     device: str = "auto"  # auto: cuda when there is one, else cpu
     dtype: str = "float32"  # float32 | bfloat16 | float16
     batch_size: int = 16
@@ -48,16 +57,17 @@ class Negated:
         self.scorer = scorer
         self.name = f"-{scorer.name}"
 
-    def __call__(self, prompts, responses):
-        return -self.scorer(prompts, responses)
+    def __call__(self, prompts, responses, finished=None):
+        return -self.scorer(prompts, responses, finished)
 
 
-def score_all(scorers: Sequence[Scorer], prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+def score_all(scorers: Sequence[Scorer], prompts: Sequence[str], responses: Sequence[str],
+              finished: Optional[Sequence[bool]] = None) -> torch.Tensor:
     """Scores of every scorer, [len(scorers), len(prompts)], float32, with a clear error on NaN or inf."""
     rows = []
     for scorer in scorers:
         with torch.no_grad():
-            values = torch.as_tensor(scorer(prompts, responses), dtype=torch.float32).reshape(-1).cpu()
+            values = torch.as_tensor(scorer(prompts, responses, finished), dtype=torch.float32).reshape(-1).cpu()
         if values.numel() != len(prompts):
             raise ValueError(f"scorer {scorer.name!r} returned {values.numel()} scores for {len(prompts)} responses")
         if not torch.isfinite(values).all():
@@ -67,21 +77,67 @@ def score_all(scorers: Sequence[Scorer], prompts: Sequence[str], responses: Sequ
     return torch.stack(rows) if rows else torch.empty(0, len(prompts))
 
 
+class ScoreNormalizer(torch.nn.Module):
+    """safe-rlhf's score normaliser: buffers `mean` and `var` of shape [score_dim] and `count` [1] (saved in the state
+    dict as `normalizer.*`), applied by score type: reward (x - mean) / (std + 1e-8), cost x / (std + 1e-8), critic x."""
+
+    FUNCTIONS = {"reward": "affine", "cost": "scale", "critic": "identity"}
+
+    def __init__(self, config):
+        super().__init__()
+        score_dim = getattr(config, "score_dim", 1)
+        self.score_type = getattr(config, "score_type", "reward")
+        if self.score_type not in self.FUNCTIONS:
+            raise ValueError(f"config.score_type={self.score_type!r} is not one of {', '.join(self.FUNCTIONS)}")
+        self.register_buffer("mean", self._statistic(config, "mean", score_dim, 0.0))
+        self.register_buffer("var", self._statistic(config, "var", score_dim, 1.0))
+        self.register_buffer("count", torch.zeros(1, dtype=torch.long))
+
+    @staticmethod
+    def _statistic(config, key: str, score_dim: int, default: float) -> torch.Tensor:
+        """The config's statistic as safe-rlhf writes it (`normalizer.mean.tolist()`: a list of score_dim floats)."""
+        value = getattr(config, key, None)
+        if value is None:
+            return torch.full((score_dim,), default)
+        tensor = torch.as_tensor(value, dtype=torch.float32)
+        if tensor.shape != (score_dim,):
+            raise ValueError(f"config.{key}={value!r} has shape {tuple(tensor.shape)}; safe-rlhf writes a list of "
+                             f"score_dim={score_dim} values")
+        return tensor
+
+    def forward(self, scores: torch.Tensor) -> torch.Tensor:
+        function = self.FUNCTIONS[self.score_type]
+        if function == "identity":
+            return scores
+        std = self.var.sqrt() + 1e-8
+        return (scores - self.mean) / std if function == "affine" else scores / std
+
+
 class LlamaForScore(LlamaPreTrainedModel):
-    """safe-rlhf's score model, rebuilt on plain transformers: a Llama backbone (`model.`) and a linear `score_head`
-    (hidden_size -> score_dim, bias when score_bias). Loads beaver-7b-v1.0-reward / -cost with `from_pretrained`."""
+    """safe-rlhf's score model, rebuilt on plain transformers: a Llama backbone (`model.`), a linear `score_head`
+    (hidden_size -> score_dim, bias when score_bias) and the `normalizer` buffers. Loads beaver-7b-v1.0-reward / -cost
+    with `from_pretrained`; as in safe-rlhf, the normaliser buffers of the state dict win over the config's lists."""
 
     def __init__(self, config):
         super().__init__(config)
         self.model = LlamaModel(config)
         self.score_head = torch.nn.Linear(config.hidden_size, getattr(config, "score_dim", 1),
                                           bias=getattr(config, "score_bias", True))
+        self.normalizer = ScoreNormalizer(config)
         self.post_init()
 
-    def forward(self, input_ids, attention_mask=None):
-        """Per-token scores [B, T, score_dim]."""
+    def _init_weights(self, module):
+        if isinstance(module, ScoreNormalizer):  # a checkpoint without normaliser buffers: the config's statistics
+            fresh = ScoreNormalizer(self.config)
+            for name in ("mean", "var", "count"):
+                getattr(module, name).copy_(getattr(fresh, name))
+            return
+        super()._init_weights(module)
+
+    def forward(self, input_ids, attention_mask):
+        """Per-token scores [B, T, score_dim] in float32, before normalisation (as safe-rlhf's get_scores)."""
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.score_head(hidden)
+        return self.score_head(hidden).float()
 
     def end_scores(self, input_ids, attention_mask) -> torch.Tensor:
         """The sequence score: the per-token score at the last position whose attention mask is 1, [B, score_dim]
@@ -90,21 +146,13 @@ class LlamaForScore(LlamaPreTrainedModel):
         positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
         last = (attention_mask.bool() * positions).max(dim=1).values
         end = scores[torch.arange(scores.shape[0], device=scores.device), last]
-        return self.normalize(end) if getattr(self.config, "do_normalize", False) else end
-
-    def normalize(self, scores: torch.Tensor) -> torch.Tensor:
-        kind = getattr(self.config, "score_type", "reward")
-        std = float(getattr(self.config, "var", 1.0)) ** 0.5 + 1e-8
-        if kind == "reward":
-            return (scores - float(getattr(self.config, "mean", 0.0))) / std
-        if kind == "cost":
-            return scores / std
-        return scores
+        return self.normalizer(end) if getattr(self.config, "do_normalize", False) else end
 
 
 class ModelScorer:
     """A scorer backed by a transformers checkpoint: formats each pair with the scorer's template, tokenizes with
-    the scorer's own tokenizer (right padding), scores in batches under no_grad on the scorer's device."""
+    the scorer's own tokenizer (EOS appended by `append_eos`, right padding), scores in batches under no_grad on the
+    scorer's device."""
 
     def __init__(self, name: str, cfg: ScorerConfig):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -115,7 +163,6 @@ class ModelScorer:
         self.device = resolve_device(cfg.device)
         self.tokenizer = load_pretrained(AutoTokenizer, cfg.name_or_path, f"scorers.{name}", revision=cfg.revision,
                                          trust_remote_code=cfg.trust_remote_code)
-        self.tokenizer.padding_side, self.tokenizer.truncation_side = "right", "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         model_class = LlamaForScore if cfg.kind == "score_model" else AutoModelForSequenceClassification
@@ -124,43 +171,66 @@ class ModelScorer:
         self.model.to(self.device).eval().requires_grad_(False)
         if cfg.kind == "score_model" and not cfg.normalize:
             self.model.config.do_normalize = False
-        if cfg.kind == "sequence_classifier":
-            if self.model.config.pad_token_id is None:  # the head finds the last token through pad_token_id
-                self.model.config.pad_token_id = self.tokenizer.pad_token_id
-            self.label_index = self._label_index()
+        if cfg.kind == "sequence_classifier" and self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id  # the head finds the last token through it
+        self.index = self._score_index()
+        self.append_eos = cfg.append_eos or ("finished" if cfg.kind == "score_model" else "never")
+        if self.append_eos != "never":
+            if self.tokenizer.eos_token_id is None:
+                raise ValueError(f"scorers.{name}.append_eos={self.append_eos}: the tokenizer has no EOS token")
+            if cfg.kind == "sequence_classifier" and self.tokenizer.eos_token_id == self.model.config.pad_token_id:
+                raise ValueError(f"scorers.{name}.append_eos={self.append_eos}: EOS is the classifier's pad token, "
+                                 "so it would read the token before it; use append_eos=never")
 
-    def _label_index(self) -> int:
-        labels = self.model.config.num_labels
+    def _score_index(self) -> int:
+        """Which output to read: the classifier's label (by name or index) or the score model's dimension."""
+        if self.cfg.kind == "score_model":
+            count, names = getattr(self.model.config, "score_dim", 1), {}
+        else:
+            count = self.model.config.num_labels
+            names = {str(k): int(v) for k, v in (self.model.config.label2id or {}).items()}
         label = self.cfg.label
         if label is None:
-            if labels != 1:
-                raise ValueError(f"scorers.{self.name}: the classifier has {labels} labels "
-                                 f"({', '.join(map(str, self.model.config.id2label.values()))}); set scorers.{self.name}.label")
+            if count != 1:
+                listed = ", ".join(names) if names else f"0..{count - 1}"
+                raise ValueError(f"scorers.{self.name}: the model has {count} outputs ({listed}); set scorers.{self.name}.label")
             return 0
-        label2id = {str(k): int(v) for k, v in (self.model.config.label2id or {}).items()}
-        if str(label) in label2id:
-            return label2id[str(label)]
-        if str(label).isdigit() and int(label) < labels:
+        if str(label) in names:
+            return names[str(label)]
+        if str(label).isdigit() and int(label) < count:
             return int(label)
-        raise ValueError(f"scorers.{self.name}.label={label!r} is not one of the classifier's labels: "
-                         f"{', '.join(label2id) or list(range(labels))}")
+        raise ValueError(f"scorers.{self.name}.label={label!r} is not one of the model's outputs: "
+                         f"{', '.join(names) if names else list(range(count))}")
+
+    def encode(self, prompts, responses, finished=None) -> list[list[int]]:
+        """Token ids of each formatted pair, EOS appended where the rule says, cut from the left to max_length."""
+        texts = [self.cfg.template.format(prompt=p, response=r) for p, r in zip(prompts, responses)]
+        encoded = self.tokenizer(texts)["input_ids"]
+        if finished is None:
+            finished = [True] * len(texts)
+        eos = self.tokenizer.eos_token_id
+        add = {"always": [True] * len(texts), "never": [False] * len(texts), "finished": list(finished)}[self.append_eos]
+        return [(ids + [eos] if with_eos else ids)[-self.cfg.max_length:] for ids, with_eos in zip(encoded, add)]
 
     @torch.no_grad()
-    def __call__(self, prompts, responses) -> torch.Tensor:
-        texts = [self.cfg.template.format(prompt=p, response=r) for p, r in zip(prompts, responses)]
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch: less padding
-        out = torch.empty(len(texts))
+    def __call__(self, prompts, responses, finished=None) -> torch.Tensor:
+        encoded = self.encode(prompts, responses, finished)
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths share a batch: less padding
+        out = torch.empty(len(encoded))
+        pad = self.tokenizer.pad_token_id
         for start in range(0, len(order), self.cfg.batch_size):
             chunk = order[start : start + self.cfg.batch_size]
-            batch = self.tokenizer([texts[i] for i in chunk], padding=True, truncation=True,
-                                   max_length=self.cfg.max_length, return_tensors="pt").to(self.device)
+            width = max(len(encoded[i]) for i in chunk)
+            input_ids = torch.tensor([encoded[i] + [pad] * (width - len(encoded[i])) for i in chunk], device=self.device)
+            attention_mask = torch.tensor([[1] * len(encoded[i]) + [0] * (width - len(encoded[i])) for i in chunk],
+                                          device=self.device)
             if self.cfg.kind == "score_model":
-                values = self.model.end_scores(batch["input_ids"], batch["attention_mask"])[:, 0]
+                values = self.model.end_scores(input_ids, attention_mask)[:, self.index]
             else:
-                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+                logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
                 if self.cfg.output == "probability":
                     logits = logits.softmax(-1)
-                values = logits[:, self.label_index]
+                values = logits[:, self.index]
             out[torch.tensor(chunk)] = values.float().cpu()
         return out
 
@@ -182,7 +252,7 @@ class CallableScorer:
         if not callable(self.fn):
             raise ValueError(f"scorers.{name}._target_={cfg._target_!r} is not callable")
 
-    def __call__(self, prompts, responses):
+    def __call__(self, prompts, responses, finished=None):
         return torch.as_tensor(self.fn(list(prompts), list(responses)), dtype=torch.float32)
 
 

@@ -16,6 +16,7 @@ import torch
 from .cache import cached_folder
 from .data import sequence_logprobs, tokenized
 from .hf_models import PromptFormatter, fingerprint, load_policy, load_tokenizer, reference_for
+from .module import autocast_dtype
 from .rollout import Rollouts, from_dataset, to_dataset
 from .scorers import Negated, build_scorer, score_all
 from .text_data import load_split
@@ -53,7 +54,8 @@ class TextTask:
                 ids.append(self.formatter.response_ids(response, len(self.prompt_token_ids[i])))
                 prompts.append(example.prompt)
                 responses.append(response)
-        return Rollouts(torch.tensor(index), ids, prompts, responses)
+        # the dataset's answers are whole, whatever the policy's max_length keeps of them: scorers see them ended
+        return Rollouts(torch.tensor(index), ids, prompts, responses, [True] * len(responses))
 
     def cache_key(self) -> dict:
         """What the rollouts and log-probabilities of pi_ref depend on, for cache keys."""
@@ -102,7 +104,7 @@ def scored_rollouts(setup, kind: str, key: dict, generate, expected_rows: int) -
 
     def build(folder: Path) -> None:
         rollouts = generate()
-        raw = score_all([setup.raw_scorers[n] for n in names], rollouts.prompts, rollouts.responses)
+        raw = score_all([setup.raw_scorers[n] for n in names], rollouts.prompts, rollouts.responses, rollouts.finished)
         to_dataset(rollouts, raw, names).save_to_disk(str(folder / "rollouts"))
 
     def load(folder: Path):
@@ -117,7 +119,8 @@ def scored_rollouts(setup, kind: str, key: dict, generate, expected_rows: int) -
 def reference_logps(setup, rollouts: Rollouts, prompt_ids, key: dict) -> torch.Tensor:
     """log pi_ref(y|x) summed over response tokens, computed once per dataset and reference, cached on disk."""
     task = setup.task
-    full_key = {**key, "reference": task.cache_key(), "rows": len(rollouts.response_ids)}
+    precision = autocast_dtype(setup.cfg.trainer.precision)  # as the policy's log-probs are taken in training
+    full_key = {**key, "reference": task.cache_key(), "rows": len(rollouts.response_ids), "autocast": str(precision)}
 
     def build(folder: Path) -> None:
         input_ids, attention_mask, response_mask = tokenized(prompt_ids, rollouts, task.tokenizer.pad_token_id)
@@ -125,7 +128,7 @@ def reference_logps(setup, rollouts: Rollouts, prompt_ids, key: dict) -> torch.T
 
         with stage("reference log-probs"):
             values = sequence_logprobs(setup.reference, input_ids, attention_mask, response_mask,
-                                       batch_size=2 * setup.cfg.policy_step.batch_size)
+                                       batch_size=2 * setup.cfg.policy_step.batch_size, autocast_dtype=precision)
         torch.save(values, folder / "ref_logps.pt")
 
     def load(folder: Path) -> torch.Tensor:

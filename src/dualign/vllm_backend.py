@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .errors import LoadError
-from .rollout import Rollouts
+from .rollout import Rollouts, ended_with
 
 
 class VLLMGenerator:
@@ -67,4 +67,4 @@ class VLLMGenerator:
                 generated.append(tokens)
                 index.append(i)
         return Rollouts(torch.tensor(index), generated, [prompts[i] for i in index],
-                        tokenizer.batch_decode(generated, skip_special_tokens=True))
+                        tokenizer.batch_decode(generated, skip_special_tokens=True), ended_with(generated, eos))
