@@ -48,7 +48,7 @@ def test_sigkill_mid_iteration_then_resume_matches_the_uninterrupted_run(tmp_pat
     common = ["algorithm.iterations=3", "algorithm.epochs_per_iteration=2", f"logger.tracking_uri=sqlite:///{tmp_path / 'm.db'}"]
     full = _train(tmp_path, tmp_path / "full", *common)
     assert full.returncode == 0, full.stderr[-3000:]
-    killed = _train(tmp_path, tmp_path / "killed", *common, env={"DUALIGN_FAULT_KILL_AT_STEP": "21"})
+    killed = _train(tmp_path, tmp_path / "killed", *common, env={"DUALIGN_FAULT": "step=21:SIGKILL"})
     assert killed.returncode == -9  # SIGKILL: no cleanup ran
     assert not (tmp_path / "killed" / "summary.json").exists()
     assert (tmp_path / "killed" / "checkpoints" / "last.ckpt").is_file()

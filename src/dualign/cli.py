@@ -2,13 +2,21 @@
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
 import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from .errors import InputError
+from .lifecycle import Terminated
+
+
+# ${uid:} in run folder names: runs started in the same second never share a folder. Cached, so a process resolves
+# one id; Lightning hands the resolved hydra.run.dir to the other ranks of a distributed run.
+OmegaConf.register_new_resolver("uid", lambda: secrets.token_hex(3), use_cache=True, replace=True)
 
 
 def config_dir() -> str:
@@ -29,9 +37,20 @@ def _main(cfg: DictConfig) -> dict:
         return run(cfg)
     except InputError as error:  # bad config, data or model files: one line, no traceback
         print(f"dualign: {error.kind} error: {error}", file=sys.stderr)
+        _remove_if_only_hydra(Path(HydraConfig.get().runtime.output_dir))
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # in a sweep this job fails and is recorded as failed; the sweep goes on
         sys.exit(2)
+    except Terminated as stop:  # a scheduler stopped the job: say where it can resume, exit non-zero (a sweep stops too)
+        print(f"dualign: {stop}; resume with the same overrides and hydra.run.dir={HydraConfig.get().runtime.output_dir} "
+              "ckpt_path=last", file=sys.stderr)
+        sys.exit(stop.exit_code)
+
+
+def _remove_if_only_hydra(folder: Path) -> None:
+    """A run refused before it built anything leaves no folder behind (only Hydra's config copy and log were there)."""
+    if folder.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in folder.iterdir()):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def main() -> None:

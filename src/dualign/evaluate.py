@@ -251,7 +251,6 @@ def write_and_log(output_dir: Path, summary: dict, logger, raw_cfg, history=None
         columns = {key: [row[key] for row in result["samples"]] for key in (result["samples"][0] if result["samples"] else [])}
         if columns:
             logger.experiment.log_table(logger.run_id, data=columns, artifact_file="eval_samples.json")
-        logger.finalize("success")
     return files
 
 
@@ -283,7 +282,8 @@ def finish_text_run(setup, policy, dual, comparison_policy, timings: dict, outpu
         "trajectory": dual.history, "evaluation": result, "one_shot": comparison, "policy": str(saved),
         "timings_s": timings,
     }
-    write_and_log(output_dir, summary, logger, raw_cfg, dual.history, setup.names)
+    with timing.stage("writing outputs"):
+        write_and_log(output_dir, summary, logger, raw_cfg, dual.history, setup.names)
     print(table(result, f"{summary['algorithm']} ({summary['policy_step']} policy step)",
                 comparison["evaluation"] if comparison else None))
     if dual.history:
@@ -304,6 +304,7 @@ def evaluate_saved(raw_cfg) -> dict:
     (model.name_or_path) on the test split, with the configured scorers and constraints."""
     from .config import ConfigError, validate
     from .hf_models import load_causal_lm, load_trained_policy, resolve_device
+    from .lifecycle import terminations
     from .pipeline import Setup, _mlflow_logger, _quiet_libraries
     from .text_task import TextTask, load_scorers
 
@@ -316,21 +317,22 @@ def evaluate_saved(raw_cfg) -> dict:
     torch.manual_seed(cfg.seed)
     output_dir = Path(cfg.paths.output_dir)
     logger = _mlflow_logger(cfg, raw_cfg, None, run_name=f"evaluate {Path(cfg.evaluation.policy_path).name}")
-    setup = Setup(cfg, task=TextTask(cfg), names=list(cfg.constraints))
-    device = resolve_device(cfg.model.device)
-    setup.reference = load_causal_lm(cfg.model).to(device).eval().requires_grad_(False)
-    setup.raw_scorers, setup.scorers = load_scorers(cfg)
-    evaluator = TextEvaluator(setup)
-    setup.reference_mean = evaluator.reference_mean
-    setup.threshold = setup.thresholds(evaluator.reference_mean)
-    policy = load_trained_policy(cfg.evaluation.policy_path, cfg.model).to(device)
-    result = evaluator.evaluate(policy)
-    summary = {"policy": cfg.evaluation.policy_path, "reference": cfg.model.name_or_path, "constraints": setup.names,
-               "threshold": setup.threshold.tolist(), "evaluation": result}
-    write_and_log(output_dir, summary, logger, raw_cfg)
-    print(table(result, f"evaluation of {cfg.evaluation.policy_path}"))
-    print(f"outputs: {output_dir.resolve()}")
-    return flat_metrics(result)
+    with terminations(logger):  # the MLflow run ends FINISHED, FAILED or KILLED with the command
+        setup = Setup(cfg, task=TextTask(cfg), names=list(cfg.constraints))
+        device = resolve_device(cfg.model.device)
+        setup.reference = load_causal_lm(cfg.model).to(device).eval().requires_grad_(False)
+        setup.raw_scorers, setup.scorers = load_scorers(cfg)
+        evaluator = TextEvaluator(setup)
+        setup.reference_mean = evaluator.reference_mean
+        setup.threshold = setup.thresholds(evaluator.reference_mean)
+        policy = load_trained_policy(cfg.evaluation.policy_path, cfg.model).to(device)
+        result = evaluator.evaluate(policy)
+        summary = {"policy": cfg.evaluation.policy_path, "reference": cfg.model.name_or_path, "constraints": setup.names,
+                   "threshold": setup.threshold.tolist(), "evaluation": result}
+        write_and_log(output_dir, summary, logger, raw_cfg)
+        print(table(result, f"evaluation of {cfg.evaluation.policy_path}"))
+        print(f"outputs: {output_dir.resolve()}")
+        return flat_metrics(result)
 
 
 def main() -> None:

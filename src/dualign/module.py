@@ -3,14 +3,13 @@ checkpoint and identical on every rank); the DualUpdate callback decides when an
 from __future__ import annotations
 
 import math
-import os
-import signal
 
 import lightning as L
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import FSDPStrategy
 
+from . import faults
 from .config import OptimizerConfig
 
 
@@ -47,8 +46,6 @@ class AlignmentModule(L.LightningModule):
         self.frozen = {f"policy.{name}" for name, tensor in policy.state_dict(keep_vars=True).items()
                        if isinstance(tensor, torch.nn.Parameter) and not tensor.requires_grad}
         self.strict_loading = not self.frozen
-        # fault injection for the resume tests: SIGKILL this process when it reaches this optimiser step
-        self.kill_at_step = int(os.environ.get("DUALIGN_FAULT_KILL_AT_STEP", -1))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         for key in self.frozen:
@@ -59,8 +56,7 @@ class AlignmentModule(L.LightningModule):
         return self.current_epoch // self.epochs_per_iteration
 
     def training_step(self, batch, batch_idx):
-        if self.global_step == self.kill_at_step:
-            os.kill(os.getpid(), signal.SIGKILL)
+        faults.at_step(self.global_step)  # the resume tests' signals (DUALIGN_FAULT); a no-op otherwise
         loss, metrics = self.policy_step(self.policy, batch, self.multipliers, self.iteration, self.global_step)
         if not torch.isfinite(loss):
             bad = [name for name, value in metrics.items()

@@ -12,7 +12,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import distributed, report, timing
+from . import distributed, lifecycle, report, timing
 from .config import ConfigError, TrainConfig, validate
 from .data import loader, preference_pairs, prompt_batches, tokenized
 from .dual_callback import DualUpdate
@@ -287,7 +287,7 @@ def train_policy(setup: Setup, multipliers: torch.Tensor, algorithm: str, iterat
         use_distributed_sampler=False,  # EpochShuffle shards by rank itself (same batches as one process)
         reload_dataloaders_every_n_epochs=epochs if cfg.policy_step.pairs_from == "policy" else 0,
     )
-    with timing.stage(f"{step.__class__.__name__} policy steps (Lightning fit)"):
+    with timing.stage(f"{step.__class__.__name__} policy steps (Lightning fit)"), lifecycle.fitting():
         if isinstance(data, L.LightningDataModule):
             trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
         else:
@@ -321,8 +321,6 @@ def _mlflow_logger(cfg: TrainConfig, raw: DictConfig, resume_from: Path | None, 
     saved beside it (params are immutable in MLflow, so they are logged once, by the first run)."""
     if not cfg.logger.enabled:
         return None
-    from lightning.pytorch.loggers import MLFlowLogger
-
     uri = cfg.logger.tracking_uri
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
@@ -331,7 +329,7 @@ def _mlflow_logger(cfg: TrainConfig, raw: DictConfig, resume_from: Path | None, 
     tags = {"algorithm": cfg.algorithm.name, "policy_step": cfg.policy_step.name, **cfg.logger.tags}
     if cfg.logger.parent_run_id:
         tags["mlflow.parentRunId"] = cfg.logger.parent_run_id
-    logger = MLFlowLogger(
+    logger = lifecycle.JobLogger(
         experiment_name=cfg.logger.experiment_name, run_name=cfg.logger.run_name or run_name or cfg.algorithm.name,
         tracking_uri=uri, tags=tags, run_id=run_id,
     )
@@ -413,11 +411,20 @@ def run(raw_cfg: DictConfig) -> dict:
     ckpt_path = cfg.ckpt_path
     if ckpt_path == "last":
         ckpt_path = str(output_dir / "checkpoints" / "last.ckpt")
+        if not Path(ckpt_path).is_file():  # preempted before its first checkpoint: a requeued job starts over
+            log.warning("ckpt_path=last: no checkpoint in %s yet; starting from the beginning", output_dir / "checkpoints")
+            ckpt_path = None
     if ckpt_path is not None and not Path(ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={ckpt_path!r}: no such checkpoint file")
     # only rank 0 tracks: the other ranks of a distributed run re-run this entry point without a logger
-    logger = _mlflow_logger(cfg, raw_cfg, Path(ckpt_path) if ckpt_path else None) if distributed.is_main() else None
+    # a requeued attempt continues the MLflow run of the first, whose id sits beside the checkpoints
+    resumed = output_dir / "checkpoints" / "last.ckpt" if cfg.ckpt_path == "last" else ckpt_path
+    logger = _mlflow_logger(cfg, raw_cfg, Path(resumed) if resumed else None) if distributed.is_main() else None
+    with lifecycle.terminations(logger):  # the MLflow run ends with the job: FINISHED, FAILED or KILLED
+        return _run(cfg, raw_cfg, output_dir, ckpt_path, logger, started)
 
+
+def _run(cfg: TrainConfig, raw_cfg: DictConfig, output_dir: Path, ckpt_path: str | None, logger, started: float) -> dict:
     setup = build(cfg)
     timings = {"setup (pi_ref, rollouts, one-shot solve)": time.perf_counter() - started}
     if not setup.exact and cfg.evaluation.every_iteration:
@@ -456,9 +463,10 @@ def run(raw_cfg: DictConfig) -> dict:
         final_logprob = setup.task.enumerate_logprobs(policy).double()
     timings["by stage"] = timing.breakdown()
     summary = report.summarise(setup, dual.history, final_logprob, comparison, timings)
-    files = report.write_outputs(output_dir, setup, final_logprob, summary, raw_cfg)
-    if logger is not None:
-        report.log_to_mlflow(logger, summary, files)
+    with timing.stage("writing outputs"):
+        files = report.write_outputs(output_dir, setup, final_logprob, summary, raw_cfg)
+        if logger is not None:
+            report.log_to_mlflow(logger, summary, files)
     print(report.table(summary))
     print(f"outputs: {output_dir.resolve()}")
     final = summary["final"]

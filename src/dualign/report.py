@@ -140,7 +140,6 @@ def log_to_mlflow(logger, summary: dict, files: list[Path]) -> None:
     logger.log_metrics(metrics)
     for path in files:
         logger.experiment.log_artifact(logger.run_id, str(path))
-    logger.finalize("success")
 
 
 def table(summary: dict) -> str:

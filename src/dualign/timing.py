@@ -6,12 +6,15 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 
+from . import faults
+
 _totals: dict[str, float] = defaultdict(float)
 _stack: list[list] = []  # [name, start, time spent in nested stages]
 
 
 @contextmanager
 def stage(name: str):
+    faults.at_stage(name)
     start = time.perf_counter()
     _stack.append([name, start, 0.0])
     try:

@@ -1,0 +1,87 @@
+"""How a job ends: a SIGTERM becomes a non-zero exit (128 + 15, as a shell reports it) and a KILLED MLflow run, an
+error a FAILED run with the error as a tag, and only a job that finished its files a FINISHED run.
+
+Lightning ends the MLflow run when `fit` returns, before the one-shot comparison, the evaluation and the artifacts;
+`JobLogger` leaves that to the job. Lightning turns SIGTERM during `fit` into `SIGTERMException`, a bare SystemExit
+(exit status 0: schedulers would count the job as completed); outside `fit` SIGTERM would kill the process with no
+cleanup. `terminations()` handles both."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+log = logging.getLogger("dualign")
+
+
+class Terminated(BaseException):
+    """The job was asked to stop (SIGTERM). BaseException, like KeyboardInterrupt: no `except Exception` swallows it."""
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.exit_code = 128 + signum
+
+
+class JobLogger(MLFlowLogger):
+    """MLFlowLogger whose run is ended by the job (`end`), not by Lightning when a fit ends."""
+
+    def finalize(self, status: str = "success") -> None:  # Lightning calls this at the end of every fit
+        pass
+
+    def end(self, status: str, error: str | None = None) -> None:
+        try:
+            if error:
+                self.experiment.set_tag(self.run_id, "error", error[:4000])
+            self.experiment.set_terminated(self.run_id, status)
+        except Exception as problem:  # tracking trouble never costs the run's results, which are on disk already
+            log.warning("MLflow: could not mark run %s %s (%s)", self.run_id, status, str(problem).splitlines()[0])
+
+
+_in_fit = threading.Event()
+
+
+def _on_sigterm(signum, frame):
+    if _in_fit.is_set():  # Lightning's handler stops fit at the next batch boundary, on every rank together
+        return
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def fitting():
+    """Around trainer.fit: SIGTERM is Lightning's to handle (it raises SIGTERMException, mapped to Terminated)."""
+    _in_fit.set()
+    try:
+        yield
+    except SIGTERMException:
+        raise Terminated(signal.SIGTERM) from None
+    finally:
+        _in_fit.clear()
+
+
+@contextlib.contextmanager
+def terminations(logger: JobLogger | None):
+    """The whole job: SIGTERM raises Terminated; the MLflow run ends with the job's outcome."""
+    previous = signal.getsignal(signal.SIGTERM)
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    except Terminated:
+        if logger is not None:
+            logger.end("KILLED", "stopped by SIGTERM")
+        raise
+    except BaseException as error:
+        if logger is not None:
+            logger.end("FAILED", f"{type(error).__name__}: {error}")
+        raise
+    else:
+        if logger is not None:
+            logger.end("FINISHED")
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)

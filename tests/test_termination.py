@@ -1,0 +1,120 @@
+"""How jobs end, through the real entry point: a signal in any stage gives a non-zero exit and a run that resumes to
+the uninterrupted lambda; the MLflow run ends with the job (FINISHED, FAILED with the error, KILLED), never before its
+files are written; runs started together never share a folder; a refused config leaves no folder.
+
+Signals are sent by the process to itself at a chosen point (`DUALIGN_FAULT`, src/dualign/faults.py)."""
+import json
+import os
+import subprocess
+import sys
+
+import mlflow
+import pytest
+
+from dualign.pipeline import run
+
+from conftest import ROOT
+
+SMALL = ["data.sft_steps=80", "reference.samples_per_prompt=64", "algorithm.compare_one_shot=false",
+         "trainer.enable_progress_bar=false", "algorithm.iterations=2", "algorithm.epochs_per_iteration=2"]
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One cache and MLflow store for the module, and the uninterrupted run every interrupted one is compared with."""
+    root = tmp_path_factory.mktemp("termination")
+    store = f"sqlite:///{root / 'mlflow.db'}"
+    result = _train(root, root / "uninterrupted", store)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root, store, _trajectory(root / "uninterrupted")
+
+
+def _train(root, run_dir, store, *overrides, fault=None):
+    env = {k: v for k, v in os.environ.items() if k != "DUALIGN_FAULT"}
+    if fault:
+        env["DUALIGN_FAULT"] = fault
+    args = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", f"paths.cache_dir={root / 'cache'}",
+            f"logger.tracking_uri={store}", *SMALL, *overrides]
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+
+
+def _trajectory(run_dir):
+    return [h["multipliers"] for h in json.loads((run_dir / "summary.json").read_text())["trajectory"]]
+
+
+def _status(store, run_dir):
+    run_id = (run_dir / "checkpoints" / "mlflow_run_id").read_text().strip()
+    run_info = mlflow.MlflowClient(store).get_run(run_id)
+    return run_info.info.status, run_info.data.tags.get("error"), run_info.data.metrics
+
+
+# where the signal lands (8 optimiser steps an epoch): mid-epoch in fit (step 13, after the epoch-1 checkpoint), in
+# the setup's pi_ref rollouts (before any checkpoint: the resumed job starts over), in the evaluation after the 1st
+# dual step (in fit, a callback), and while writing the run's files (after training). SIGKILL mid-epoch:
+# tests/test_distributed.py.
+FAULTS = {"SIGTERM mid-epoch": "step=13:SIGTERM", "SIGTERM in pi_ref rollouts": "stage=rollouts:SIGTERM",
+          "SIGTERM in a dual step's evaluation": "stage=exact evaluation#1:SIGTERM",
+          "SIGKILL while writing": "stage=writing:SIGKILL"}
+
+
+@pytest.mark.parametrize("case", sorted(FAULTS))
+def test_a_signal_in_any_stage_exits_non_zero_and_resumes_to_the_same_lambda(shared, case):
+    root, store, uninterrupted = shared
+    run_dir = root / case.replace(" ", "_").replace("'", "")
+    stopped = _train(root, run_dir, store, fault=FAULTS[case])
+    signal_name = FAULTS[case].rsplit(":", 1)[1]
+    if signal_name == "SIGTERM":
+        assert stopped.returncode == 143, stopped.stderr[-2000:]
+        assert "stopped by SIGTERM; resume with" in stopped.stderr.strip().splitlines()[-1]
+        if (run_dir / "checkpoints" / "mlflow_run_id").exists():
+            status, error, metrics = _status(store, run_dir)
+            assert status == "KILLED" and error == "stopped by SIGTERM"
+            assert not any(key.startswith("final/") for key in metrics)  # never FINISHED without its results
+    else:
+        assert stopped.returncode == -9
+    assert not (run_dir / "summary.json").exists() or signal_name == "SIGKILL"
+    resumed = _train(root, run_dir, store, "ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = _trajectory(run_dir)
+    difference = max(abs(a - b) for x, y in zip(uninterrupted, after) for a, b in zip(x, y))
+    status, _, metrics = _status(store, run_dir)
+    print(f"\n{case}: exit {stopped.returncode}, lambda difference after resume {difference:.1e}, MLflow {status}")
+    assert len(after) == len(uninterrupted) and difference < 1e-5, (uninterrupted, after)
+    assert status == "FINISHED" and any(key.startswith("final/") for key in metrics)
+
+
+def bad_scores(prompts, responses):
+    raise RuntimeError("the scoring service is down")
+
+
+def test_an_error_after_the_run_is_created_marks_it_failed_with_the_error(make_cfg, tmp_path):
+    cfg = make_cfg("+scorers.flaky.kind=callable", f"+scorers.flaky._target_={__name__}.bad_scores",
+                   "constraints.safety.scorer=flaky", logger=True)
+    with pytest.raises(RuntimeError, match="the scoring service is down"):
+        run(cfg)
+    status, error, _ = _status(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "run")
+    assert status == "FAILED" and error == "RuntimeError: the scoring service is down"
+
+
+def test_runs_started_together_never_share_a_folder(tmp_path):
+    args = [sys.executable, str(ROOT / "train.py"), "debug=fast", f"paths.cache_dir={tmp_path / 'cache'}",
+            "trainer.enable_progress_bar=false"]
+    jobs = [subprocess.Popen(args + [f"seed={seed}"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for seed in (1, 2)]
+    folders = []
+    for job in jobs:
+        out, err = job.communicate(timeout=600)
+        assert job.returncode == 0, err[-2000:]
+        folders.append(out.strip().splitlines()[-1].removeprefix("outputs: "))
+    assert folders[0] != folders[1]
+    for folder, seed in zip(folders, (1, 2)):
+        assert f"seed: {seed}" in (tmp_path / folder / "config.yaml").read_text()
+        assert (tmp_path / folder / "summary.json").is_file()
+
+
+def test_a_refused_config_leaves_no_run_folder(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "beta=-1"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    runs = tmp_path / "outputs" / "runs"
+    assert not runs.exists() or not list(runs.iterdir())
