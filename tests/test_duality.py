@@ -50,6 +50,30 @@ def test_solver_matches_brute_force_grid(seed, m):
     assert torch.allclose(solution.gradient * solution.multipliers, torch.zeros(m), atol=1e-7)
 
 
+@pytest.mark.parametrize("beta", [1e-3, 2e-4, 1e-6])
+@pytest.mark.parametrize("m", [1, 2])
+def test_solver_stays_right_for_small_beta(beta, m):
+    """Nearly deterministic tilted policies: the covariance (beta x Hessian) underflows and Newton cannot move; the
+    solver once returned lambda = 0 unconverged there. Against a brute-force grid of the same D."""
+    reward, utility, reference_mean, threshold, _, log_base = random_instance(0, m)
+    solution = solve_dual(reward, utility, reference_mean, threshold, beta, log_base=log_base)
+    assert solution.converged
+    grid = torch.linspace(0, 4, 401 if m == 1 else 81)
+    points = list(itertools.product(grid.tolist(), repeat=m))
+    values = [dual_terms(reward, utility, reference_mean, threshold, torch.tensor(p), beta, log_base).value.item()
+              for p in points]
+    assert solution.value <= min(values) + 1e-9
+    assert solution.multipliers.max() > 0  # the constraints bind on this instance
+
+
+def test_an_unreachable_threshold_names_the_largest_reachable_improvement():
+    reward, utility, reference_mean, _, beta, log_base = random_instance(0, 1)
+    reachable = ((utility[0].masked_fill(~torch.isfinite(log_base), -1e9)).max(-1).values.mean() - reference_mean[0]).item()
+    with pytest.raises(InfeasibleError, match=f"the largest improvements they allow are \\[{round(reachable, 6)}\\]"):
+        solve_dual(reward, utility, reference_mean, torch.tensor([reachable + 0.1]), beta, log_base=log_base)
+    assert solve_dual(reward, utility, reference_mean, torch.tensor([reachable - 0.05]), beta, log_base=log_base).converged
+
+
 def test_gradient_and_hessian_match_autograd():
     reward, utility, reference_mean, threshold, beta, log_base = random_instance(3, 2)
     lam = torch.tensor([0.4, 1.3], requires_grad=True)

@@ -118,3 +118,33 @@ def test_a_refused_config_leaves_no_run_folder(tmp_path):
     assert result.returncode == 2
     runs = tmp_path / "outputs" / "runs"
     assert not runs.exists() or not list(runs.iterdir())
+
+
+def test_resuming_with_another_config_is_a_one_line_error_naming_the_keys(shared):
+    root, store, _ = shared
+    resumed = _train(root, root / "uninterrupted", store, "ckpt_path=last", "constraints.safety.threshold=0.8", "beta=2")
+    assert resumed.returncode == 2
+    line = resumed.stderr.strip().splitlines()[-1]
+    assert line.startswith("dualign: config error: ckpt_path='last': the checkpoint was trained with another config: ")
+    assert "beta 1.0 -> 2.0" in line and "constraints.safety.threshold 0.5 -> 0.8" in line
+    assert "allow_resume_changes=[beta,constraints.safety.threshold]" in line
+    structural = _train(root, root / "uninterrupted", store, "ckpt_path=last", "experiment=two_constraints")
+    assert structural.returncode == 2 and "constraints.humour.scorer None -> 'utility_1'" in structural.stderr
+
+
+def test_a_damaged_newest_checkpoint_is_passed_over_for_the_one_before(shared):
+    """Two checkpoints are kept, each with its SHA-256: a flipped byte in the newest is found, the older is used."""
+    root, store, uninterrupted = shared
+    run_dir = root / "damaged"
+    stopped = _train(root, run_dir, store, fault="step=29:SIGKILL")  # in the last epoch: epochs 2 and 3 are saved
+    assert stopped.returncode == -9
+    kept = sorted(p.name for p in (run_dir / "checkpoints").glob("epoch=*.ckpt"))
+    assert kept == ["epoch=1-step=16.ckpt", "epoch=2-step=24.ckpt"], kept
+    newest = run_dir / "checkpoints" / "epoch=2-step=24.ckpt"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit inside the tensors: torch.load alone would not notice
+    newest.write_bytes(bytes(data))
+    resumed = _train(root, run_dir, store, "ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "epoch=2-step=24.ckpt is damaged (its SHA-256 does not match" in resumed.stdout + resumed.stderr
+    assert _trajectory(run_dir) == uninterrupted  # replayed from the older checkpoint: the same lambda

@@ -213,6 +213,7 @@ def test_checkpoints_of_a_tied_embedding_model_hold_only_the_adapters_and_resume
     assert saved and all("lora_" in key for key in saved if key != "multipliers"), sorted(saved)[:5]
     embedding = 4096 * 128 * 4  # bytes of the output matrix that must not be there
     assert sum(t.numel() * t.element_size() for t in saved.values()) < embedding / 10
-    run(compose_text(tmp_path, cache_dir, *common, "algorithm.iterations=2", "ckpt_path=last"))  # loads non-strictly
+    run(compose_text(tmp_path, cache_dir, *common, "algorithm.iterations=2", "ckpt_path=last",  # loads non-strictly
+                     "allow_resume_changes=[algorithm.iterations]"))
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert len(summary["trajectory"]) == 2

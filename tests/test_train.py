@@ -51,8 +51,9 @@ def test_resumed_run_continues_the_same_lambda_trajectory(make_cfg, tmp_path):
     run(make_cfg(*common, "algorithm.iterations=2", "paths.output_dir=" + str(tmp_path / "part"), logger=True))
     checkpoint = tmp_path / "part" / "checkpoints" / "last.ckpt"
     run(make_cfg(*common, "algorithm.iterations=3", "paths.output_dir=" + str(tmp_path / "resumed"),
-                 f"ckpt_path={checkpoint}", logger=True))
+                 f"ckpt_path={checkpoint}", "allow_resume_changes=[algorithm.iterations]", logger=True))
     resumed = json.loads((tmp_path / "resumed" / "summary.json").read_text())
+    assert json.loads((tmp_path / "resumed" / "resume_changes.json").read_text()) == [{"algorithm.iterations": [2, 3]}]
     assert len(resumed["trajectory"]) == 3
     assert np.allclose([h["multipliers"] for h in resumed["trajectory"]],
                        [h["multipliers"] for h in full["trajectory"]], atol=1e-6)

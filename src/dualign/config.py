@@ -161,6 +161,7 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     ckpt_path: Optional[str] = None  # resume from this Lightning checkpoint ("last": the run folder's last.ckpt)
+    allow_resume_changes: list[str] = field(default_factory=list)  # keys (or sections) a resumed run may change
 
 
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)

@@ -46,8 +46,11 @@ class AlignmentModule(L.LightningModule):
         self.frozen = {f"policy.{name}" for name, tensor in policy.state_dict(keep_vars=True).items()
                        if isinstance(tensor, torch.nn.Parameter) and not tensor.requires_grad}
         self.strict_loading = not self.frozen
+        self.config_fingerprint: dict | None = None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.config_fingerprint is not None:  # compared with the resuming run's config (checkpoints.py)
+            checkpoint["dualign_config"] = self.config_fingerprint
         for key in self.frozen:
             checkpoint["state_dict"].pop(key, None)
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .duality import dual_terms, solve_dual, tilted_log_weights
+from .duality import dual_terms, require_converged, solve_dual, tilted_log_weights
 
 
 @dataclass
@@ -59,7 +59,8 @@ class ExactOracle:
         """The distribution-space optimum: lambda* = argmin D, P* = D(lambda*), pi* = pi_{lambda*}."""
         if self._optimum is None:
             i = self.instance
-            solution = solve_dual(i.reward, i.utility, i.reference_mean, i.threshold, i.beta, log_base=i.ref_logprob)
+            solution = require_converged(solve_dual(i.reward, i.utility, i.reference_mean, i.threshold, i.beta,
+                                                    log_base=i.ref_logprob), f"the exact optimum at beta={i.beta:g}")
             logprob = tilted_log_weights(i.reward, i.utility, solution.multipliers, i.beta, log_base=i.ref_logprob)
             self._optimum = Optimum(solution.multipliers, solution.value, logprob)
         return self._optimum

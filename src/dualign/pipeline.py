@@ -12,11 +12,11 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import distributed, lifecycle, report, timing
+from . import checkpoints, distributed, lifecycle, report, timing
 from .config import ConfigError, TrainConfig, validate
 from .data import loader, preference_pairs, prompt_batches, tokenized
 from .dual_callback import DualUpdate
-from .duality import solve_dual
+from .duality import InfeasibleError, require_converged, solve_dual
 from .exact_task import ExactTask, ExactTaskConfig, reference_policy
 from .module import AlignmentModule, autocast_dtype
 from .oracle import ExactOracle, Instance
@@ -144,7 +144,7 @@ def build(cfg: TrainConfig) -> Setup:
     reward, utility = scores[0].view(P, samples), scores[1:].view(len(names), P, samples)
     setup.reference_mean = utility.mean(dim=(1, 2))
     setup.threshold = setup.thresholds(setup.reference_mean)
-    setup.one_shot = solve_dual(reward, utility, setup.reference_mean, setup.threshold, cfg.beta).multipliers.float()
+    setup.one_shot = one_shot_multipliers(cfg, reward, utility, setup.reference_mean, setup.threshold)
     setup.pairs = setup.pairs_with_reference(rollouts, scores)
 
     # the exact instance: every response of every prompt, scored by the same scorers
@@ -157,6 +157,15 @@ def build(cfg: TrainConfig) -> Setup:
     setup.oracle = ExactOracle(instance)
     setup.task_scores = {name: scorer.table for name, scorer in task.scorers().items()}
     return setup
+
+
+def one_shot_multipliers(cfg: TrainConfig, reward, utility, reference_mean, threshold) -> torch.Tensor:
+    """The plug-in lambda* on pi_ref's samples; an unreachable threshold is a one-line error naming the constraints."""
+    try:
+        solution = solve_dual(reward, utility, reference_mean, threshold, cfg.beta)
+    except InfeasibleError as error:
+        raise ConfigError(f"constraints ({', '.join(f'{n}.threshold' for n in cfg.constraints)}): {error}") from None
+    return require_converged(solution, "the one-shot lambda on pi_ref's samples").multipliers.float()
 
 
 def _rollout_estimator(setup: Setup):
@@ -271,11 +280,8 @@ def train_policy(setup: Setup, multipliers: torch.Tensor, algorithm: str, iterat
     module = AlignmentModule(policy, step, multipliers, cfg.optimizer, epochs)
     callbacks = [dual]
     if checkpoint:  # every rank holds the callback (ranks must agree on it); Lightning writes on rank 0
-        # the newest epoch's checkpoint is kept (older ones removed once it is written); last.ckpt links to it
-        callbacks.append(L.pytorch.callbacks.ModelCheckpoint(
-            dirpath=output_dir / "checkpoints", save_last="link", save_top_k=1, monitor=None, every_n_epochs=1,
-            save_on_train_epoch_end=True,
-        ))
+        module.config_fingerprint = checkpoints.fingerprint(cfg)
+        callbacks.append(checkpoints.callback(output_dir / "checkpoints"))
     trainer = L.Trainer(
         max_epochs=iterations * epochs, accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
         num_nodes=cfg.trainer.num_nodes, strategy=cfg.trainer.strategy,
@@ -408,18 +414,13 @@ def run(raw_cfg: DictConfig) -> dict:
     _quiet_libraries()
     preflight(cfg)  # output folders writable, tracking store reachable: before anything is built
     output_dir = Path(cfg.paths.output_dir)
-    ckpt_path = cfg.ckpt_path
-    if ckpt_path == "last":
-        ckpt_path = str(output_dir / "checkpoints" / "last.ckpt")
-        if not Path(ckpt_path).is_file():  # preempted before its first checkpoint: a requeued job starts over
-            log.warning("ckpt_path=last: no checkpoint in %s yet; starting from the beginning", output_dir / "checkpoints")
-            ckpt_path = None
-    if ckpt_path is not None and not Path(ckpt_path).is_file():
-        raise ConfigError(f"ckpt_path={ckpt_path!r}: no such checkpoint file")
+    ckpt_path, changes = checkpoints.resume_point(cfg, output_dir)  # verified, and trained with this config
     # only rank 0 tracks: the other ranks of a distributed run re-run this entry point without a logger
     # a requeued attempt continues the MLflow run of the first, whose id sits beside the checkpoints
     resumed = output_dir / "checkpoints" / "last.ckpt" if cfg.ckpt_path == "last" else ckpt_path
     logger = _mlflow_logger(cfg, raw_cfg, Path(resumed) if resumed else None) if distributed.is_main() else None
+    if distributed.is_main():
+        checkpoints.record_changes(output_dir, changes, logger)
     with lifecycle.terminations(logger):  # the MLflow run ends with the job: FINISHED, FAILED or KILLED
         return _run(cfg, raw_cfg, output_dir, ckpt_path, logger, started)
 

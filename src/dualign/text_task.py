@@ -142,7 +142,7 @@ def reference_logps(setup, rollouts: Rollouts, prompt_ids, key: dict) -> torch.T
 
 def build_text(setup) -> None:
     """Fill `setup` for a text task (see pipeline.build for the exact task)."""
-    from .duality import solve_dual
+    from .pipeline import one_shot_multipliers
 
     cfg = setup.cfg
     task = TextTask(cfg)
@@ -172,7 +172,7 @@ def build_text(setup) -> None:
     utility = scores[1:].view(len(setup.names), count, samples)
     setup.reference_mean = utility.mean(dim=(1, 2))
     setup.threshold = setup.thresholds(setup.reference_mean)
-    setup.one_shot = solve_dual(reward, utility, setup.reference_mean, setup.threshold, cfg.beta).multipliers.float()
+    setup.one_shot = one_shot_multipliers(cfg, reward, utility, setup.reference_mean, setup.threshold)
     log.info("pi_ref: E_ref[g] = %s from %d prompts x %d responses; one-shot lambda = %s",
              [round(v, 4) for v in setup.reference_mean.tolist()], count, samples,
              [round(v, 4) for v in setup.one_shot.tolist()])
