@@ -1,5 +1,6 @@
 """Guards: damaged caches are rebuilt, non-finite values stop the run naming where, and a run that could not save its
 results fails before building anything."""
+import os
 import subprocess
 import sys
 
@@ -69,3 +70,75 @@ def test_unwritable_output_folder_fails_before_building(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith(f"dualign: config error: paths.output_dir='{blocker / 'run'}' is not writable")
     assert not (tmp_path / "cache" / "exact_reference").exists()
+
+
+def test_a_flipped_bit_in_cached_weights_is_found_and_the_entry_rebuilt(tmp_path, caplog):
+    task = ExactTask(ExactTaskConfig(num_prompts=2, sft_steps=3, sft_samples_per_prompt=8, sft_batch_size=8))
+    model = reference_policy(task, TinyModelConfig(n_layer=1, n_embd=16, n_head=2), tmp_path)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    del model
+    (entry,) = (tmp_path / "exact_reference").iterdir()
+    weights = entry / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-7] ^= 0x10  # inside a tensor: the file still loads, with one wrong weight
+    weights.write_bytes(bytes(data))
+    rebuilt = reference_policy(task, TinyModelConfig(n_layer=1, n_embd=16, n_head=2), tmp_path)
+    assert "model.safetensors changed since it was written" in caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(original.values(), rebuilt.state_dict().values()))
+
+
+def test_killed_attempts_staging_folders_are_removed_by_the_next(tmp_path):
+    import socket
+
+    from dualign.cache import cached_folder
+
+    host = socket.gethostname()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    abandoned = tmp_path / "kind" / f".tmp-{host}-{int(dead.stdout)}-abc"
+    alive = tmp_path / "kind" / f".tmp-{host}-{os.getpid()}-def"  # a running process's: left alone
+    for folder in (abandoned, alive):
+        folder.mkdir(parents=True)
+
+    def build(folder):
+        (folder / "value.txt").write_text("1")
+
+    assert cached_folder(tmp_path, "kind", {"k": 1}, build, lambda f: (f / "value.txt").read_text()) == "1"
+    assert not abandoned.exists() and alive.exists()
+
+
+def test_cache_keys_follow_the_data_and_the_scorer_code_not_their_paths(tmp_path):
+    """A JSONL file rewritten in place with the same row count, and a callable scorer whose code changed, used to
+    reuse the old rollouts and scores (and so wrong preference labels)."""
+    import json
+    import shutil
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from dualign.config import validate
+    from dualign.text_task import TextTask, scorer_key
+
+    data = tmp_path / "pku"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "pku_saferlhf", data)
+    (tmp_path / "my_scorer.py").write_text("def score(prompts, responses):\n    return [1.0] * len(responses)\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = validate(compose(config_name="train", overrides=[
+                "experiment=pku_safety_tiny", f"data.path={data}", "+scorers.mine.kind=callable",
+                "+scorers.mine._target_=my_scorer.score", f"paths.output_dir={tmp_path}", f"paths.cache_dir={tmp_path}",
+                f"paths.fixtures_dir={ROOT / 'tests' / 'fixtures'}", f"logger.tracking_uri=sqlite:///{tmp_path}/m.db"]))
+        GlobalHydra.instance().clear()
+        before = (TextTask(cfg).cache_key(), scorer_key(cfg, ["mine"]))
+        assert TextTask(cfg).cache_key() == before[0]  # stable while nothing changes
+        rows = [json.loads(line) for line in open(data / "train.jsonl")]
+        rows[5]["response_1"] = rows[5]["response_1"] + " Really."
+        (data / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))  # same row count
+        (tmp_path / "my_scorer.py").write_text("def score(prompts, responses):\n    return [2.0] * len(responses)\n")
+        after = (TextTask(cfg).cache_key(), scorer_key(cfg, ["mine"]))
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert before[0]["data"] == after[0]["data"]  # same path and settings...
+    assert before[0]["data_digest"] != after[0]["data_digest"]  # ...other content
+    assert before[1]["mine"]["code"] != after[1]["mine"]["code"]

@@ -1,5 +1,7 @@
 """On-disk caches keyed by a hash of what produced them, written atomically (a temporary folder, then one rename)
-and validated on load: a cache that is incomplete, unreadable or made for another key is rebuilt, never used."""
+and validated on load: a cache that is incomplete, unreadable, altered since it was written (its files' SHA-256 are
+recorded in manifest.json) or made for another key is rebuilt, never used. Staging folders of attempts that were
+killed (`.tmp-<host>-<pid>-*` whose process is gone) are removed by the next attempt."""
 from __future__ import annotations
 
 import hashlib
@@ -7,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -29,9 +32,12 @@ def cached_folder(root: str | os.PathLike, kind: str, key: dict, build: Callable
     if found is not _MISSING:
         return found
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+    _remove_abandoned_staging(folder.parent)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".tmp-{socket.gethostname()}-{os.getpid()}-"))
     try:
         build(staging)
+        manifest = {str(p.relative_to(staging)): _sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()}
+        (staging / "manifest.json").write_text(json.dumps(manifest, sort_keys=True))
         (staging / "key.json").write_text(json.dumps(key, sort_keys=True, default=str))  # written last: marks complete
         # another process (a parallel sweep job, another rank) may have finished the same entry meanwhile: keep it
         found = _valid(folder, expected, load, quiet=True)
@@ -60,8 +66,33 @@ def _valid(folder: Path, expected, load, quiet: bool = False):
             if not quiet:
                 log.warning("cache %s: key mismatch, rebuilding", folder)
             return _MISSING
+        manifest = json.loads((folder / "manifest.json").read_text())
+        for name, digest in manifest.items():
+            if _sha256(folder / name) != digest:
+                raise ValueError(f"{name} changed since it was written (SHA-256 mismatch)")
         return load(folder)
     except Exception as error:  # a damaged entry is rebuilt
         if not quiet:
             log.warning("cache %s is unusable (%s), rebuilding", folder, str(error).splitlines()[0] if str(error) else error)
         return _MISSING
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _remove_abandoned_staging(parent: Path) -> None:
+    """Staging folders this host's killed processes left behind (another host's are left to it)."""
+    host = socket.gethostname()
+    for staging in parent.glob(f".tmp-{host}-*"):
+        try:
+            pid = int(staging.name[len(f".tmp-{host}-"):].split("-", 1)[0])
+            os.kill(pid, 0)  # raises when no such process
+        except ProcessLookupError:
+            shutil.rmtree(staging, ignore_errors=True)
+        except (ValueError, PermissionError):
+            pass

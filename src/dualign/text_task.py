@@ -7,6 +7,9 @@ with reference log-probabilities computed once and cached.
 """
 from __future__ import annotations
 
+import hashlib
+import inspect
+import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
@@ -44,6 +47,9 @@ class TextTask:
         self.allowed_token_ids = None
         self.max_new_tokens, self.min_new_tokens = cfg.generation.max_new_tokens, 0
         self.policy_fingerprint = fingerprint(cfg.model.name_or_path, cfg.model.revision)
+        # the examples themselves, not the path: a file rewritten in place (same rows or not) is other data
+        content = [(e.prompt, e.messages, e.responses) for split in (self.train, self.test) for e in split.examples]
+        self.data_digest = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def dataset_rollouts(self) -> Rollouts:
         """The dataset's own responses as rollouts of pi_ref (the paper's pairs: consecutive responses of a prompt)."""
@@ -60,9 +66,25 @@ class TextTask:
     def cache_key(self) -> dict:
         """What the rollouts and log-probabilities of pi_ref depend on, for cache keys."""
         model = asdict(self.cfg.model)
-        return {"policy": self.policy_fingerprint, "data": asdict(self.cfg.data),
+        return {"policy": self.policy_fingerprint, "data": asdict(self.cfg.data), "data_digest": self.data_digest,
                 "tokenization": {k: model[k] for k in ("tokenizer", "prompt_template", "use_chat_template",
                                                        "max_prompt_length", "max_length", "dtype")}}
+
+
+def source_digest(target: str) -> str:
+    """sha256 of the file that defines a callable scorer (its package version where the source is not readable)."""
+    from hydra.utils import get_object
+
+    obj = get_object(target)
+    try:
+        return hashlib.sha256(Path(inspect.getsourcefile(obj)).read_bytes()).hexdigest()[:16]
+    except (TypeError, OSError):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return f"{target.split('.')[0]}=={version(target.split('.')[0])}"
+        except PackageNotFoundError:
+            return "unknown"
 
 
 def scorer_key(cfg, names: list[str]) -> dict:
@@ -72,6 +94,8 @@ def scorer_key(cfg, names: list[str]) -> dict:
         scorer = asdict(cfg.scorers[name])
         if scorer["name_or_path"]:
             scorer["fingerprint"] = fingerprint(scorer["name_or_path"], scorer["revision"])
+        if scorer["kind"] == "callable":  # its code: an edited function is another scorer
+            scorer["code"] = source_digest(scorer["_target_"])
         key[name] = {k: v for k, v in scorer.items() if k not in ("device", "batch_size")}  # no effect on scores
     return key
 
