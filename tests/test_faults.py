@@ -142,3 +142,36 @@ def test_cache_keys_follow_the_data_and_the_scorer_code_not_their_paths(tmp_path
     assert before[0]["data"] == after[0]["data"]  # same path and settings...
     assert before[0]["data_digest"] != after[0]["data_digest"]  # ...other content
     assert before[1]["mine"]["code"] != after[1]["mine"]["code"]
+
+
+def test_a_tracking_file_that_is_not_a_database_is_a_one_line_error(tmp_path):
+    (tmp_path / "notes.db").write_text("my notes, not MLflow's")
+    result = _cli(tmp_path, f"logger.tracking_uri=sqlite:///{tmp_path / 'notes.db'}")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"dualign: config error: logger.tracking_uri='sqlite:///{tmp_path / 'notes.db'}': {tmp_path / 'notes.db'} is "
+        "not an SQLite database")
+
+
+def test_tracking_trouble_is_retried_then_stops_tracking_without_failing_the_run(tmp_path, caplog):
+    from dualign.lifecycle import JobLogger
+
+    logger = JobLogger(experiment_name="x", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    logger.RETRIES = (0.0, 0.0, 0.0)
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise OSError("database is locked")
+
+    logger._guarded("logging metrics", flaky)
+    assert len(calls) == 3 and not logger.disabled  # the third attempt went through
+
+    def down():
+        raise OSError("disk I/O error")
+
+    logger._guarded("logging metrics", down)
+    assert logger.disabled and "logging metrics failed 4 times (disk I/O error); tracking stops" in caplog.text
+    logger.log_metrics({"a": 1.0})  # no-op from now on, never an exception
+    logger.end("FINISHED")

@@ -96,9 +96,11 @@ def test_an_error_after_the_run_is_created_marks_it_failed_with_the_error(make_c
     assert status == "FAILED" and error == "RuntimeError: the scoring service is down"
 
 
-def test_runs_started_together_never_share_a_folder(tmp_path):
+def test_runs_started_together_never_share_a_folder_or_break_a_fresh_mlflow_store(tmp_path):
+    """Two first runs on one new sqlite store: one used to die in MLflow's schema migration ("duplicate column")."""
+    store = f"sqlite:///{tmp_path / 'fresh.db'}"
     args = [sys.executable, str(ROOT / "train.py"), "debug=fast", f"paths.cache_dir={tmp_path / 'cache'}",
-            "trainer.enable_progress_bar=false"]
+            "trainer.enable_progress_bar=false", "logger.enabled=true", f"logger.tracking_uri={store}"]
     jobs = [subprocess.Popen(args + [f"seed={seed}"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True) for seed in (1, 2)]
     folders = []
@@ -110,6 +112,9 @@ def test_runs_started_together_never_share_a_folder(tmp_path):
     for folder, seed in zip(folders, (1, 2)):
         assert f"seed: {seed}" in (tmp_path / folder / "config.yaml").read_text()
         assert (tmp_path / folder / "summary.json").is_file()
+    client = mlflow.MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("dualign").experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
 
 
 def test_a_refused_config_leaves_no_run_folder(tmp_path):

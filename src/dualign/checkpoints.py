@@ -162,4 +162,4 @@ def record_changes(output_dir: Path, changes: dict, logger) -> None:
     history = json.loads(record.read_text()) if record.is_file() else []
     record.write_text(json.dumps(history + [changes], indent=1, default=str))
     if logger is not None:  # MLflow params are immutable: the change is a tag beside them
-        logger.experiment.set_tag(logger.run_id, "resume_changes", json.dumps(changes, default=str)[:4000])
+        logger.set_tag("resume_changes", json.dumps(changes, default=str)[:4000])

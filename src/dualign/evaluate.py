@@ -247,10 +247,10 @@ def write_and_log(output_dir: Path, summary: dict, logger, raw_cfg, history=None
                 metrics[f"final/lambda_{name}"] = summary["final_multipliers"][i]
         logger.log_metrics(metrics)
         for path in files:
-            logger.experiment.log_artifact(logger.run_id, str(path))
+            logger.log_artifact(path)
         columns = {key: [row[key] for row in result["samples"]] for key in (result["samples"][0] if result["samples"] else [])}
         if columns:
-            logger.experiment.log_table(logger.run_id, data=columns, artifact_file="eval_samples.json")
+            logger.log_table(columns, "eval_samples.json")
     return files
 
 

@@ -11,6 +11,8 @@ import contextlib
 import logging
 import signal
 import threading
+import time
+from pathlib import Path
 
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -27,18 +29,72 @@ class Terminated(BaseException):
 
 
 class JobLogger(MLFlowLogger):
-    """MLFlowLogger whose run is ended by the job (`end`), not by Lightning when a fit ends."""
+    """MLFlowLogger whose run is ended by the job (`end`), not by Lightning when a fit ends, and whose tracking
+    trouble never costs the run: a failed call is retried with back-off, then reported in one line and tracking
+    stops for the rest of the job (the run's files are written locally either way)."""
+
+    RETRIES = (1.0, 4.0, 16.0)  # seconds between attempts
+    disabled = False
 
     def finalize(self, status: str = "success") -> None:  # Lightning calls this at the end of every fit
         pass
 
+    def _guarded(self, what: str, call) -> None:
+        if self.disabled:
+            return
+        for attempt, pause in enumerate((*self.RETRIES, None)):
+            try:
+                call()
+                return
+            except Exception as problem:
+                if pause is None:
+                    self.disabled = True
+                    log.warning("MLflow: %s failed %d times (%s); tracking stops for this job, results are in the run "
+                                "folder", what, attempt + 1, str(problem).strip().splitlines()[0][:200])
+                    return
+                time.sleep(pause)
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self._guarded("logging metrics", lambda: super(JobLogger, self).log_metrics(metrics, step))
+
+    def log_hyperparams(self, params) -> None:
+        self._guarded("logging parameters", lambda: super(JobLogger, self).log_hyperparams(params))
+
+    def log_artifact(self, path) -> None:
+        self._guarded(f"logging {Path(path).name}", lambda: self.experiment.log_artifact(self.run_id, str(path)))
+
+    def set_tag(self, key: str, value: str) -> None:
+        self._guarded(f"tagging {key}", lambda: self.experiment.set_tag(self.run_id, key, value))
+
+    def log_table(self, data: dict, artifact_file: str) -> None:
+        self._guarded(f"logging {artifact_file}",
+                      lambda: self.experiment.log_table(self.run_id, data=data, artifact_file=artifact_file))
+
     def end(self, status: str, error: str | None = None) -> None:
+        if self.disabled:
+            return
         try:
             if error:
                 self.experiment.set_tag(self.run_id, "error", error[:4000])
             self.experiment.set_terminated(self.run_id, status)
         except Exception as problem:  # tracking trouble never costs the run's results, which are on disk already
             log.warning("MLflow: could not mark run %s %s (%s)", self.run_id, status, str(problem).splitlines()[0])
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def prepare_sqlite_store(uri: str) -> str:
+    """A sqlite store created (or migrated) by one process at a time, under a file lock: two first runs on a fresh
+    store raced in MLflow's schema migration ("duplicate column name"). The returned URI waits up to 60 s for a
+    write lock instead of sqlite's 5 s."""
+    import mlflow
+    from filelock import FileLock
+
+    path = Path(uri[len("sqlite:///"):].split("?", 1)[0]).expanduser().resolve()
+    with FileLock(f"{path}.lock", timeout=600):
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)  # creates or migrates the schema
+    return uri if "timeout=" in uri else f"{uri}{'&' if '?' in uri else '?'}timeout=60"
 
 
 _in_fit = threading.Event()

@@ -329,7 +329,7 @@ def _mlflow_logger(cfg: TrainConfig, raw: DictConfig, resume_from: Path | None, 
         return None
     uri = cfg.logger.tracking_uri
     if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
+        uri = lifecycle.prepare_sqlite_store(uri)
     id_file = resume_from.parent / "mlflow_run_id" if resume_from else None
     run_id = id_file.read_text().strip() if id_file and id_file.exists() else None
     tags = {"algorithm": cfg.algorithm.name, "policy_step": cfg.policy_step.name, **cfg.logger.tags}
@@ -373,7 +373,10 @@ def preflight(cfg: TrainConfig) -> None:
             raise ConfigError(f"logger.tracking_uri={uri!r} is not reachable ({reason}); start the server or set "
                               "logger.enabled=false") from None
     elif uri.startswith("sqlite:///"):
-        folder = Path(uri[len("sqlite:///"):]).expanduser().resolve().parent
+        database = Path(uri[len("sqlite:///"):].split("?", 1)[0]).expanduser().resolve()
+        if database.is_file() and database.stat().st_size and database.read_bytes()[:16] != lifecycle.SQLITE_HEADER:
+            raise ConfigError(f"logger.tracking_uri={uri!r}: {database} is not an SQLite database")
+        folder = database.parent
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as error:

@@ -139,7 +139,7 @@ def log_to_mlflow(logger, summary: dict, files: list[Path]) -> None:
         metrics["one_shot/objective"] = summary["one_shot"]["exact"]["objective"]
     logger.log_metrics(metrics)
     for path in files:
-        logger.experiment.log_artifact(logger.run_id, str(path))
+        logger.log_artifact(path)
 
 
 def table(summary: dict) -> str:
