@@ -71,7 +71,7 @@ def test_missing_column_and_missing_split_are_named(tmp_path):
         load_split(TextDataConfig(kind="pku_saferlhf", path=str(folder)), "train")
     with pytest.raises(DataError, match="split 'test'"):
         load_split(TextDataConfig(kind="pku_saferlhf", path=str(folder)), "test")
-    with pytest.raises(DataError, match="cannot load|split"):
+    with pytest.raises(DataError, match="no such file or folder"):
         load_split(TextDataConfig(kind="pku_saferlhf", path=str(tmp_path / "nowhere")), "train")
 
 
@@ -97,3 +97,29 @@ def test_hh_mismatched_conversations_error_or_filter(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="dualign"):
         assert len(load_split(cfg, "train")) == 1
     assert "drop_mismatched_prompts dropped 1 of 2 rows" in caplog.text
+
+
+def test_a_single_file_warns_that_it_serves_both_splits_and_test_fraction_holds_a_part_out(caplog):
+    path = str(FIXTURES / "qa_pairs.parquet")
+    cfg = TextDataConfig(kind="jsonl", path=path, prompt_column="question", response_columns=["answer_a", "answer_b"])
+    with caplog.at_level(logging.WARNING, logger="dualign"):
+        assert len(load_split(cfg, "test")) == 20
+    assert "is one file: it serves as the train and the test split" in caplog.text
+    cfg.test_fraction = 0.25
+    train, test = load_split(cfg, "train"), load_split(cfg, "test")
+    assert (len(train), len(test)) == (15, 5)
+    assert not {e.prompt for e in test} & {e.prompt for e in train} or len({e.prompt for e in train + test}) < 20
+    assert [e.prompt for e in load_split(cfg, "test")] == [e.prompt for e in test]  # seeded: the same split again
+    with pytest.raises(DataError, match="data.test_fraction=0.25 splits a single file"):
+        load_split(TextDataConfig(kind="pku_saferlhf", path=str(FIXTURES / "pku_saferlhf"), test_fraction=0.25), "train")
+
+
+def test_a_missing_local_path_and_a_non_utf8_line_are_one_line_errors(tmp_path):
+    with pytest.raises(DataError, match=r"data.path=\./no/such/folder: no such file or folder"):
+        load_split(TextDataConfig(kind="pku_saferlhf", path="./no/such/folder"), "train")
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps({"prompt": "ok", "response_0": "a", "response_1": "b"}).encode() + b"\n"
+                     + '{"prompt": "caf\xe9", "response_0": "a", "response_1": "b"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match="line 2 is not UTF-8 text") as error:
+        load_split(TextDataConfig(kind="jsonl", path=str(path)), "train")
+    assert "\n" not in str(error.value)

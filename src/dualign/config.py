@@ -362,6 +362,8 @@ def _validate_text(typed: TrainConfig) -> None:
     for key in ("max_train_rows", "max_test_prompts"):
         if getattr(data, key) is not None:
             _positive(f"data.{key}", getattr(data, key))
+    if data.test_fraction is not None and not 0 < data.test_fraction < 1:
+        raise ConfigError(f"data.test_fraction={data.test_fraction!r} must be in (0, 1)")
     if not model.name_or_path:
         raise ConfigError("model.name_or_path is empty")
     _choice("model.dtype", model.dtype, tuple(DTYPES))

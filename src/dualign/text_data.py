@@ -45,6 +45,7 @@ class TextDataConfig:
     max_test_prompts: Optional[int] = None  # filter: evaluate on the first N test prompts (count logged)
     drop_identical_responses: bool = False  # filter: pairs whose two responses are equal carry no preference
     drop_mismatched_prompts: bool = False  # hh_rlhf filter: chosen and rejected with different conversations
+    test_fraction: Optional[float] = None  # a single file: hold out this fraction of its rows (seeded) as the test split
 
 
 @dataclass
@@ -82,17 +83,53 @@ def _log_filter(split: str, name: str, dropped: int, total: int) -> None:
         log.info("data %s: filter %s dropped %d of %d rows", split, name, dropped, total)
 
 
+def _looks_local(path: str) -> bool:
+    """A hub dataset is `name` or `org/name`; anything else (a leading / . ~, deeper nesting, a file suffix) is a path."""
+    return path.startswith(("/", ".", "~")) or path.count("/") > 1 or Path(path).suffix in (".jsonl", ".json", ".parquet", ".gz")
+
+
+def _check_text_file(path: Path) -> None:
+    """A JSON-lines file that is not UTF-8: name the line (datasets reports it without one)."""
+    with open(path, "rb") as stream:
+        for number, line in enumerate(stream, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(f"data.path={path}: line {number} is not UTF-8 text (byte {error.start}: "
+                                f"{line[error.start:error.start + 1]!r}); re-save the file as UTF-8") from None
+
+
+def _single_file_split(cfg: TextDataConfig, rows, split: str):
+    """One file holds every row: with data.test_fraction a seeded part of it is the test split, the rest train."""
+    if cfg.test_fraction is None:
+        if split == cfg.test_split:
+            log.warning("data.path=%s is one file: it serves as the train and the test split, so evaluation runs on "
+                        "training prompts; hold out a part with data.test_fraction=0.1 (or give a folder with train "
+                        "and test files)", cfg.path)
+        return rows
+    parts = rows.train_test_split(test_size=cfg.test_fraction, seed=0, shuffle=True)
+    return parts["test"] if split == cfg.test_split else parts["train"]
+
+
 def _load_rows(cfg: TextDataConfig, split: str):
     import datasets
 
     datasets.logging.set_verbosity_error()
-    path = Path(cfg.path)
+    path = Path(cfg.path).expanduser()
+    if not path.exists() and _looks_local(cfg.path):
+        raise DataError(f"data.path={cfg.path}: no such file or folder")
     try:
         if path.is_file():  # a single local file: its format from the suffix, one split
             builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".gz": "json"}.get(path.suffix)
             if builder is None:
                 raise DataError(f"data.path={cfg.path}: unknown file type (expected .jsonl, .json, .parquet)")
-            return datasets.load_dataset(builder, data_files={split: str(path)}, split=split)
+            if path.suffix in (".jsonl", ".json"):
+                _check_text_file(path)
+            rows = datasets.load_dataset(builder, data_files={"rows": str(path)}, split="rows")
+            return _single_file_split(cfg, rows, split)
+        if cfg.test_fraction is not None:
+            raise DataError(f"data.test_fraction={cfg.test_fraction} splits a single file; data.path={cfg.path} is a "
+                            f"{'folder' if path.is_dir() else 'hub dataset'} with its own splits")
         return datasets.load_dataset(cfg.path, data_dir=cfg.data_dir, revision=cfg.revision, split=split)
     except DataError:
         raise
