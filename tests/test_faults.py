@@ -175,3 +175,13 @@ def test_tracking_trouble_is_retried_then_stops_tracking_without_failing_the_run
     assert logger.disabled and "logging metrics failed 4 times (disk I/O error); tracking stops" in caplog.text
     logger.log_metrics({"a": 1.0})  # no-op from now on, never an exception
     logger.end("FINISHED")
+
+
+def paired_scores(prompts, responses):
+    return [[0.0, 1.0]] * (len(responses) // 2)  # the right count, the wrong shape
+
+
+def test_a_scorer_returning_the_wrong_shape_is_refused():
+    scorer = CallableScorer("pairs", ScorerConfig(kind="callable", _target_=f"{__name__}.paired_scores"))
+    with pytest.raises(ValueError, match=r"scorer 'pairs' returned scores of shape \(2, 2\) for 4 responses"):
+        score_all([scorer], ["a"] * 4, ["w", "x", "y", "z"])

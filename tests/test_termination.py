@@ -117,12 +117,15 @@ def test_runs_started_together_never_share_a_folder_or_break_a_fresh_mlflow_stor
     assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
 
 
-def test_a_refused_config_leaves_no_run_folder(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "beta=-1"], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 2
-    runs = tmp_path / "outputs" / "runs"
+def test_a_refused_config_leaves_no_run_folder_and_a_name_cannot_make_one_elsewhere(tmp_path):
+    (tmp_path / "work").mkdir()
+    for bad in ("beta=-1", "algorithm.name=../../escaped"):
+        result = subprocess.run([sys.executable, str(ROOT / "train.py"), bad], cwd=tmp_path / "work",
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2, result.stderr[-2000:]
+    runs = tmp_path / "work" / "outputs" / "runs"
     assert not runs.exists() or not list(runs.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]  # nothing created beside or above it
 
 
 def test_resuming_with_another_config_is_a_one_line_error_naming_the_keys(shared):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import sys
@@ -17,6 +18,10 @@ from .lifecycle import Terminated
 # ${uid:} in run folder names: runs started in the same second never share a folder. Cached, so a process resolves
 # one id; Lightning hands the resolved hydra.run.dir to the other ranks of a distributed run.
 OmegaConf.register_new_resolver("uid", lambda: secrets.token_hex(3), use_cache=True, replace=True)
+# ${slug:...}: a config value in a folder name, reduced to letters, digits, - _ . (never a path: Hydra makes the folder
+# before the config is validated, so algorithm.name=../x would otherwise create it outside outputs/)
+OmegaConf.register_new_resolver("slug", lambda value: re.sub(r"[^A-Za-z0-9_.-]+", "_", str(value)).lstrip(".") or "_",
+                                replace=True)
 
 
 def config_dir() -> str:

@@ -251,6 +251,8 @@ def validate(cfg: DictConfig | dict, scorer_names: tuple[str, ...] | None = None
     _positive("trainer.devices", typed.trainer.devices)
     _positive("trainer.num_nodes", typed.trainer.num_nodes)
     _positive("optimizer.lr", typed.optimizer.lr)
+    _positive("optimizer.weight_decay", typed.optimizer.weight_decay, strict=False)
+    _positive("trainer.log_every_n_steps", typed.trainer.log_every_n_steps)
     _validate_optimizer_precision(typed)
     _positive("optimizer.warmup_steps", typed.optimizer.warmup_steps, strict=False)
     _positive("reference.samples_per_prompt", typed.reference.samples_per_prompt)
@@ -336,8 +338,20 @@ def _validate_generation(typed: TrainConfig) -> None:
 
 
 def _validate_exact(typed: TrainConfig) -> None:
-    if typed.data.num_response_tokens < 2 or typed.data.response_length < 1 or typed.data.num_prompts < 1:
+    data, model = typed.data, typed.model
+    if data.num_response_tokens < 2 or data.response_length < 1 or data.num_prompts < 1:
         raise ConfigError("data: need num_prompts >= 1, num_response_tokens >= 2 and response_length >= 1")
+    if not -1 <= data.utility_correlation <= 1:  # outside it the utility tables come out complex-valued
+        raise ConfigError(f"data.utility_correlation={data.utility_correlation!r} must be in [-1, 1]")
+    _positive("data.num_utilities", data.num_utilities, strict=False)
+    for key in ("pairwise_scale", "teacher_sharpness", "sft_steps"):
+        _positive(f"data.{key}", getattr(data, key), strict=False)
+    for key in ("sft_samples_per_prompt", "sft_lr", "sft_batch_size"):
+        _positive(f"data.{key}", getattr(data, key))
+    for key in ("n_layer", "n_embd", "n_head"):
+        _positive(f"model.{key}", getattr(model, key))
+    if model.n_embd % model.n_head:
+        raise ConfigError(f"model.n_embd={model.n_embd} must be a multiple of model.n_head={model.n_head}")
     if typed.algorithm.dual_prompts > typed.data.num_prompts:
         raise ConfigError(
             f"algorithm.dual_prompts={typed.algorithm.dual_prompts} exceeds data.num_prompts={typed.data.num_prompts}"

@@ -6,12 +6,15 @@ optimiser steps (primal-dual) from the running constraint statistics the policy 
 Two rules: the projected step of method.md (caid) and Safe RLHF's log-space step."""
 from __future__ import annotations
 
+import logging
 from typing import Callable, Protocol
 
 import lightning as L
 import torch
 
 from .duality import DUAL_STEPS
+
+log = logging.getLogger("dualign")
 
 
 class ConstraintEstimator(Protocol):
@@ -45,6 +48,7 @@ class DualUpdate(L.Callback):
         self.iteration = 0
         self.history: list[dict] = []
         self._running = None  # (sum [m], count) since the last step-triggered update
+        self._warned: set[str] = set()  # constraints already reported out of reach
 
     def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.world_size > 1:  # rank 0's one-shot lambda, E_ref[g] and thresholds are every rank's
@@ -107,6 +111,7 @@ class DualUpdate(L.Callback):
             record[self.evaluation_name] = self.evaluator(module.policy)
         self.history.append(record)
         self.iteration += 1
+        self._warn_if_out_of_reach()
         metrics = {}
         for i, name in enumerate(self.names):
             metrics[f"dual/lambda_{name}"] = record["multipliers"][i]
@@ -120,6 +125,22 @@ class DualUpdate(L.Callback):
                 metrics[f"{prefix}/{key}"] = value
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=self.iteration)
+
+    def _warn_if_out_of_reach(self, steps: int = 3) -> None:
+        """Once per constraint: its multiplier rose at each of the last `steps` dual steps and the constraint is
+        still short every time: b may be beyond what the policy can reach."""
+        if not self.update or len(self.history) < steps:
+            return
+        recent = self.history[-steps:]
+        for i, name in enumerate(self.names):
+            rising = all(r["multipliers"][i] > r["multipliers_used"][i] for r in recent)
+            short = all(r["estimated_slack"][i] < 0 for r in recent)
+            if rising and short and name not in self._warned:
+                self._warned.add(name)
+                trail = " -> ".join(f"{r['multipliers'][i]:.3g}" for r in recent)
+                log.warning("lambda_%s has risen for %d dual steps (%s) while the constraint stays short of b (last "
+                            "slack %.3g): b may be beyond this policy's reach; more iterations or a lower threshold",
+                            name, steps, trail, recent[-1]["estimated_slack"][i])
 
     def state_dict(self) -> dict:
         return {

@@ -67,9 +67,12 @@ def score_all(scorers: Sequence[Scorer], prompts: Sequence[str], responses: Sequ
     rows = []
     for scorer in scorers:
         with torch.no_grad():
-            values = torch.as_tensor(scorer(prompts, responses, finished), dtype=torch.float32).reshape(-1).cpu()
-        if values.numel() != len(prompts):
-            raise ValueError(f"scorer {scorer.name!r} returned {values.numel()} scores for {len(prompts)} responses")
+            values = torch.as_tensor(scorer(prompts, responses, finished), dtype=torch.float32).cpu()
+        if values.dim() == 2 and values.shape[1] == 1:  # a column of scores
+            values = values[:, 0]
+        if values.shape != (len(prompts),):  # the right count in another shape would pair scores with wrong responses
+            raise ValueError(f"scorer {scorer.name!r} returned scores of shape {tuple(values.shape)} for "
+                             f"{len(prompts)} responses; expected ({len(prompts)},)")
         if not torch.isfinite(values).all():
             bad = int((~torch.isfinite(values)).nonzero()[0])
             raise FloatingPointError(f"scorer {scorer.name!r} returned {values[bad].item()} for response {bad}")
