@@ -164,3 +164,60 @@ def _post(url, body):
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())
+
+
+TWO_WORKERS = """
+defaults:
+  - train
+  - override hydra/sweeper: optuna
+  - _self_
+algorithm:
+  name: fixed_lambda
+hydra:
+  sweeper:
+    study_name: two_workers
+    direction: maximize
+    objective: objective
+    constraints: constraint_violation
+    n_trials: 6
+    heartbeat_interval: 1
+    grace_period: 4
+    sampler:
+      _target_: optuna.samplers.TPESampler
+      seed: 0
+    params:
+      constraints.safety.initial_multiplier: interval(0.0, 3.0)
+"""
+
+
+def test_two_workers_share_one_study_and_a_dead_workers_trial_is_asked_again(tmp_path):
+    """Two sweeps started together on one sqlite study; one dies (SIGKILL) in its first trial. The other finishes the
+    6 trials: the dead worker's trial, without heartbeats, is marked interrupted and asked again; no trial that did not
+    really fail is failed (the sweeper used to fail every RUNNING trial, a live worker's included, on start)."""
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "two.yaml").write_text(TWO_WORKERS)
+    args = [sys.executable, str(ROOT / "train.py"), "-m", "--config-dir", str(tmp_path / "conf"), "--config-name", "two",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}", f"paths.cache_dir={tmp_path / 'cache'}", "logger.enabled=false",
+            "reference.samples_per_prompt=64", *TINY]
+    env = {k: v for k, v in os.environ.items() if k != "DUALIGN_FAULT"}
+    subprocess.run(args[:1] + [str(ROOT / "train.py"), "debug=fast", f"paths.cache_dir={tmp_path / 'cache'}",
+                               "data.sft_steps=40", "reference.samples_per_prompt=64"], cwd=tmp_path, env=env,
+                   capture_output=True, timeout=300)  # pi_ref's SFT cached first, so both workers start on trials
+    survivor = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    doomed = subprocess.Popen(args, cwd=tmp_path, env={**env, "DUALIGN_FAULT": "stage=writing:SIGKILL"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, doomed_err = doomed.communicate(timeout=600)
+    out, err = survivor.communicate(timeout=600)
+    assert doomed.returncode == -9, doomed_err[-2000:]
+    assert survivor.returncode == 0, (out + err)[-3000:]
+    study = optuna.load_study(study_name="two_workers", storage=f"sqlite:///{tmp_path / 'sweep' / 'optuna.db'}")
+    states = [(t.number, t.state.name, t.user_attrs.get("worker"), t.user_attrs.get("error")) for t in study.trials]
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL and "error" in t.user_attrs]
+    interrupted = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL and "error" not in t.user_attrs]
+    print(f"\ntwo workers: {states}")
+    assert len(complete) == 6 and not failed, states
+    assert len(interrupted) == 1 and len({t.user_attrs["worker"] for t in interrupted + complete}) == 2, states
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    results = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
+    assert results["n_complete"] == 6 and results["n_failed"] == 0 and results["n_interrupted"] == 1

@@ -1,5 +1,7 @@
 """An Optuna (>= 4) sweeper for Hydra: search space from Hydra's sweep syntax, single or several objectives,
-constraint-aware trials, persistent and resumable studies, failed trials recorded, MLflow grouping.
+constraint-aware trials, persistent and resumable studies, failed trials recorded, MLflow grouping, and several
+workers on one study (a SLURM array, two terminals): trials carry Optuna heartbeats, so a worker that died has its
+trials marked interrupted and asked again while live workers' trials are left alone; n_trials counts every worker's.
 
 The task returns a float, a tuple, or a dict of metrics from which `objective` (key or keys) and `constraints` (key
 of a list of violations, feasible when every one is <= 0) are read; dualign's `train.py` returns such a dict.
@@ -9,6 +11,11 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import os
+import socket
+import threading
+import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,6 +31,7 @@ from optuna.trial import TrialState
 
 log = logging.getLogger(__name__)
 CONSTRAINTS_ATTR = "constraints"
+WORKER = f"{socket.gethostname()}:{os.getpid()}"  # recorded on each trial this process runs
 
 
 def distribution(override: Override) -> BaseDistribution | Any:
@@ -61,8 +69,9 @@ def is_feasible(trial: optuna.trial.FrozenTrial) -> bool:
 
 class OptunaSweeperImpl:
     def __init__(self, sampler, direction, objective, constraints, study_name, storage, n_trials, n_jobs, params,
-                 mlflow_parent):
+                 mlflow_parent, heartbeat_interval=10, grace_period=30):
         self.sampler_cfg, self.objective, self.constraints = sampler, objective, constraints
+        self.heartbeat_interval, self.grace_period = heartbeat_interval, grace_period
         self.directions = list(direction) if isinstance(direction, Sequence) and not isinstance(direction, str) else [direction]
         self.study_name, self.storage, self.n_trials, self.n_jobs = study_name, storage, n_trials, n_jobs
         self.params = dict(params or {})
@@ -86,6 +95,17 @@ class OptunaSweeperImpl:
                 kwargs["constraints_func"] = read_constraints
             else:  # e.g. GridSampler: it samples blindly, but the best trial is still chosen among feasible ones
                 log.warning(f"{self.sampler_cfg['_target_']} takes no constraints_func; constraints apply to the results only")
+        storage = optuna.storages.RDBStorage(storage, heartbeat_interval=self.heartbeat_interval,
+                                             grace_period=self.grace_period)
+        try:
+            existing = len(optuna.load_study(study_name=self.study_name, storage=storage).trials)
+        except KeyError:
+            existing = 0
+        enumerating = str(self.sampler_cfg["_target_"]).endswith(("GridSampler", "BruteForceSampler"))
+        if self.sampler_cfg.get("seed") is not None and not enumerating:
+            # every worker and every resume draws its own points: a fixed seed would repeat the same start-up points
+            # (grid and brute-force samplers share one visiting order through the study instead: their seed stays)
+            kwargs["seed"] = int(self.sampler_cfg["seed"]) + 7919 * existing + os.getpid()
         sampler = instantiate(self.sampler_cfg, **kwargs)
         return optuna.create_study(study_name=self.study_name, storage=storage, sampler=sampler,
                                    directions=self.directions, load_if_exists=True)
@@ -158,20 +178,26 @@ class OptunaSweeperImpl:
     def sweep(self, arguments: list[str]) -> None:
         space, fixed = self._search_space(arguments)
         study = self._study()
-        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
-            # left running by an interrupted sweep: closed as failed, not counted, asked again
-            study._storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
-            study.tell(trial.number, state=TrialState.FAIL)
-        done = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.FAIL)
-                and not t.user_attrs.get("interrupted")]
-        log.info(f"study {study.study_name}: {len(done)} finished trials, {max(0, self.n_trials - len(done))} to go; "
-                 f"directions {self.directions}; search space {sorted(space)}")
+        finished, running = self._counts(study)
+        log.info(f"study {study.study_name}: {finished} finished trials, {running} running in other workers, "
+                 f"{max(0, self.n_trials - finished - running)} to go; directions {self.directions}; "
+                 f"search space {sorted(space)}")
         parent = self._parent_run(study)
-        remaining = self.n_trials - len(done)
-        while remaining > 0:
-            trials = [study.ask() for _ in range(min(self.n_jobs, remaining))]
+        while True:
+            finished, running = self._counts(study)
+            free = self.n_trials - finished - running
+            if free <= 0:
+                if running == 0:
+                    break
+                time.sleep(self.heartbeat_interval)  # others' live trials: one may die and free its place
+                continue
+            trials = [study.ask() for _ in range(min(self.n_jobs, free))]
+            trials = [t for t in trials if not self._surplus(study, t)]
+            if not trials:
+                continue
             batch = []
             for trial in trials:
+                trial.set_user_attr("worker", WORKER)
                 for key, dist in space.items():
                     trial._suggest(key, dist)
                 overrides = [f"{key}={value}" for key, value in {**trial.params, **fixed}.items()]
@@ -179,7 +205,8 @@ class OptunaSweeperImpl:
                     overrides += [f"++logger.parent_run_id={parent}", f"++logger.tags.sweep_id={self.study_name}",
                                   f"++logger.tags.optuna_trial={trial.number}"]
                 batch.append(overrides)
-            returns = self.launcher.launch(batch, initial_job_idx=trials[0].number)
+            with _heartbeats(study, trials, self.heartbeat_interval):
+                returns = self.launcher.launch(batch, initial_job_idx=trials[0].number)
             exhausted = False
             for trial, job in zip(trials, returns):
                 try:
@@ -194,11 +221,31 @@ class OptunaSweeperImpl:
                 if constraints is not None:
                     trial.set_user_attr(CONSTRAINTS_ATTR, constraints)
                 exhausted |= self._tell(study, trial, values=values)
-            remaining -= len(trials)
             if exhausted:
                 log.info("the sampler has exhausted its search space; stopping")
                 break
         self._write_results(study, parent)
+
+    @staticmethod
+    def _counts(study: optuna.Study) -> tuple[int, int]:
+        """(finished, running) trials that count toward n_trials, over every worker; trials of a worker that died
+        (no heartbeat for grace_period) are failed here and, interrupted, not counted."""
+        with warnings.catch_warnings():  # "experimental" and "supposed to be used with Study.optimize": we do its job
+            warnings.simplefilter("ignore")
+            optuna.storages.fail_stale_trials(study)
+        counted = [t for t in study.get_trials(deepcopy=False) if not _excluded(t)]
+        finished = sum(t.state in (TrialState.COMPLETE, TrialState.FAIL) for t in counted)
+        running = sum(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in counted)
+        return finished, running
+
+    def _surplus(self, study: optuna.Study, trial) -> bool:
+        """Two workers that counted at once may both have asked for the last place: the later trial is closed."""
+        earlier = [t for t in study.get_trials(deepcopy=False) if t.number <= trial.number and not _excluded(t)]
+        if len(earlier) <= self.n_trials:
+            return False
+        study._storage.set_trial_user_attr(trial._trial_id, "surplus", True)
+        study.tell(trial, state=TrialState.FAIL)
+        return True
 
     @staticmethod
     def _tell(study: optuna.Study, trial, **kwargs) -> bool:
@@ -217,7 +264,8 @@ class OptunaSweeperImpl:
         feasible = [t for t in complete if not self.constraints or is_feasible(t)]
         results: dict[str, Any] = {"name": "optuna", "study_name": study.study_name, "n_complete": len(complete),
                                    "n_feasible": len(feasible),
-                                   "n_failed": sum(t.state == TrialState.FAIL for t in study.trials)}
+                                   "n_failed": sum(t.state == TrialState.FAIL and not _excluded(t) for t in study.trials),
+                                   "n_interrupted": sum(_interrupted(t) for t in study.trials)}
         summary = {}
         if len(self.directions) == 1 and feasible:
             pick = max if self.directions[0] == "maximize" else min
@@ -233,6 +281,43 @@ class OptunaSweeperImpl:
             log.warning("no feasible completed trial")
         OmegaConf.save(OmegaConf.create(results), self.sweep_dir / "optimization_results.yaml")
         self._finish_parent(parent, summary)
+
+
+def _interrupted(trial) -> bool:
+    """Failed without an error of its own: its worker died and Optuna failed it for a stale heartbeat (a trial that
+    really failed carries the `error` attribute this sweeper sets)."""
+    return trial.state == TrialState.FAIL and "error" not in trial.user_attrs and not trial.user_attrs.get("surplus")
+
+
+def _excluded(trial) -> bool:
+    """Interrupted (its worker died) or surplus (a counting race): closed, not counted, not a result."""
+    return _interrupted(trial) or bool(trial.user_attrs.get("surplus"))
+
+
+class _heartbeats:
+    """While a batch runs: a heartbeat for each of its trials every `interval` seconds, from a background thread."""
+
+    def __init__(self, study, trials, interval):
+        self.storage, self.ids, self.interval = study._storage, [t._trial_id for t in trials], interval
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self):
+        while not self.stop.is_set():
+            for trial_id in self.ids:
+                try:
+                    self.storage.record_heartbeat(trial_id)
+                except Exception as error:  # a busy database: the next beat will do
+                    log.debug(f"heartbeat of trial {trial_id}: {error}")
+            self.stop.wait(self.interval)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
 
 
 def _pareto(trials, directions) -> list:

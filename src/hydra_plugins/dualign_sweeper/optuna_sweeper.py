@@ -25,6 +25,8 @@ class OptunaSweeperConf:
     n_jobs: int = 1  # trials per batch handed to the launcher
     params: Optional[Dict[str, str]] = None  # search space, e.g. {beta: "tag(log, interval(0.1, 10))"}
     mlflow_parent: bool = True  # group the trials' MLflow runs under a parent run of the sweep
+    heartbeat_interval: int = 10  # seconds between a running trial's heartbeats (several workers on one study)
+    grace_period: int = 30  # a trial without a heartbeat this long belongs to a dead worker: interrupted, asked again
 
 
 class OptunaSweeper(Sweeper):
