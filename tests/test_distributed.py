@@ -65,6 +65,6 @@ def test_sigkill_mid_iteration_then_resume_matches_the_uninterrupted_run(tmp_pat
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
     runs = client.search_runs([client.get_experiment_by_name("dualign").experiment_id])
     assert len(runs) == 2  # the full run and the killed-then-resumed one: one MLflow run, continued
-    killed_run = [r for r in runs if r.info.run_id == (tmp_path / "killed" / "checkpoints" / "mlflow_run_id").read_text().strip()]
+    killed_run = [r for r in runs if r.info.run_id == (tmp_path / "killed" / "mlflow_run_id").read_text().strip()]
     assert killed_run and killed_run[0].info.status == "FINISHED"
     assert len(client.get_metric_history(killed_run[0].info.run_id, "dual/lambda_safety")) >= 4

@@ -16,7 +16,7 @@ from dualign.pipeline import run
 from conftest import ROOT
 
 SMALL = ["data.sft_steps=80", "reference.samples_per_prompt=64", "algorithm.compare_one_shot=false",
-         "trainer.enable_progress_bar=false", "algorithm.iterations=2", "algorithm.epochs_per_iteration=2"]
+         "trainer.enable_progress_bar=false", "algorithm.iterations=2", "algorithm.epochs_per_iteration=1"]
 
 
 @pytest.fixture(scope="module")
@@ -43,17 +43,16 @@ def _trajectory(run_dir):
 
 
 def _status(store, run_dir):
-    run_id = (run_dir / "checkpoints" / "mlflow_run_id").read_text().strip()
+    run_id = (run_dir / "mlflow_run_id").read_text().strip()
     run_info = mlflow.MlflowClient(store).get_run(run_id)
     return run_info.info.status, run_info.data.tags.get("error"), run_info.data.metrics
 
 
-# where the signal lands (8 optimiser steps an epoch): mid-epoch in fit (step 13, after the epoch-1 checkpoint), in
-# the setup's pi_ref rollouts (before any checkpoint: the resumed job starts over), in the evaluation after the 1st
-# dual step (in fit, a callback), and while writing the run's files (after training). SIGKILL mid-epoch:
-# tests/test_distributed.py.
+# where the signal lands (8 optimiser steps an epoch, 2 epochs): mid-epoch in fit (step 13, after the first
+# epoch's checkpoint), in the setup's pi_ref rollouts (before any checkpoint: the resumed job starts over), and
+# while writing the run's files (after training). SIGKILL mid-epoch: tests/test_distributed.py. Any other stage:
+# DUALIGN_FAULT=stage=<its name>:<SIGNAL> (e.g. "exact evaluation#1", inside a dual step).
 FAULTS = {"SIGTERM mid-epoch": "step=13:SIGTERM", "SIGTERM in pi_ref rollouts": "stage=rollouts:SIGTERM",
-          "SIGTERM in a dual step's evaluation": "stage=exact evaluation#1:SIGTERM",
           "SIGKILL while writing": "stage=writing:SIGKILL"}
 
 
@@ -66,7 +65,7 @@ def test_a_signal_in_any_stage_exits_non_zero_and_resumes_to_the_same_lambda(sha
     if signal_name == "SIGTERM":
         assert stopped.returncode == 143, stopped.stderr[-2000:]
         assert "stopped by SIGTERM; resume with" in stopped.stderr.strip().splitlines()[-1]
-        if (run_dir / "checkpoints" / "mlflow_run_id").exists():
+        if (run_dir / "mlflow_run_id").exists():
             status, error, metrics = _status(store, run_dir)
             assert status == "KILLED" and error == "stopped by SIGTERM"
             assert not any(key.startswith("final/") for key in metrics)  # never FINISHED without its results
@@ -119,7 +118,7 @@ def test_runs_started_together_never_share_a_folder_or_break_a_fresh_mlflow_stor
 
 def test_a_refused_config_leaves_no_run_folder_and_a_name_cannot_make_one_elsewhere(tmp_path):
     (tmp_path / "work").mkdir()
-    for bad in ("beta=-1", "algorithm.name=../../escaped"):
+    for bad in ("algorithm.name=../../escaped",):  # a config error, and a name that would leave outputs/
         result = subprocess.run([sys.executable, str(ROOT / "train.py"), bad], cwd=tmp_path / "work",
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 2, result.stderr[-2000:]
@@ -128,31 +127,35 @@ def test_a_refused_config_leaves_no_run_folder_and_a_name_cannot_make_one_elsewh
     assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]  # nothing created beside or above it
 
 
-def test_resuming_with_another_config_is_a_one_line_error_naming_the_keys(shared):
+def test_resuming_with_another_config_is_a_one_line_error_naming_the_keys(shared, make_cfg):
+    from dualign.config import ConfigError
+
     root, store, _ = shared
-    resumed = _train(root, root / "uninterrupted", store, "ckpt_path=last", "constraints.safety.threshold=0.8", "beta=2")
-    assert resumed.returncode == 2
-    line = resumed.stderr.strip().splitlines()[-1]
-    assert line.startswith("dualign: config error: ckpt_path='last': the checkpoint was trained with another config: ")
+    common = [f"paths.output_dir={root / 'uninterrupted'}", "ckpt_path=last", "algorithm.epochs_per_iteration=1",
+              "algorithm.dual_samples=256"]  # as SMALL: make_cfg sets 64
+    with pytest.raises(ConfigError) as error:  # before anything is built
+        run(make_cfg(*common, "constraints.safety.threshold=0.8", "beta=2"))
+    line = str(error.value)
+    assert line.startswith("ckpt_path='last': the checkpoint was trained with another config: ") and "\n" not in line
     assert "beta 1.0 -> 2.0" in line and "constraints.safety.threshold 0.5 -> 0.8" in line
     assert "allow_resume_changes=[beta,constraints.safety.threshold]" in line
-    structural = _train(root, root / "uninterrupted", store, "ckpt_path=last", "experiment=two_constraints")
-    assert structural.returncode == 2 and "constraints.humour.scorer None -> 'utility_1'" in structural.stderr
+    with pytest.raises(ConfigError, match="constraints.humour.scorer None -> 'utility_1'"):  # another structure
+        run(make_cfg(*common, "experiment=two_constraints"))
 
 
 def test_a_damaged_newest_checkpoint_is_passed_over_for_the_one_before(shared):
     """Two checkpoints are kept, each with its SHA-256: a flipped byte in the newest is found, the older is used."""
     root, store, uninterrupted = shared
     run_dir = root / "damaged"
-    stopped = _train(root, run_dir, store, fault="step=29:SIGKILL")  # in the last epoch: epochs 2 and 3 are saved
+    stopped = _train(root, run_dir, store, fault="stage=writing:SIGKILL")  # after training: both epochs saved
     assert stopped.returncode == -9
     kept = sorted(p.name for p in (run_dir / "checkpoints").glob("epoch=*.ckpt"))
-    assert kept == ["epoch=1-step=16.ckpt", "epoch=2-step=24.ckpt"], kept
-    newest = run_dir / "checkpoints" / "epoch=2-step=24.ckpt"
+    assert kept == ["epoch=0-step=8.ckpt", "epoch=1-step=16.ckpt"], kept
+    newest = run_dir / "checkpoints" / "epoch=1-step=16.ckpt"
     data = bytearray(newest.read_bytes())
     data[len(data) // 2] ^= 0x01  # one flipped bit inside the tensors: torch.load alone would not notice
     newest.write_bytes(bytes(data))
     resumed = _train(root, run_dir, store, "ckpt_path=last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "epoch=2-step=24.ckpt is damaged (its SHA-256 does not match" in resumed.stdout + resumed.stderr
+    assert "epoch=1-step=16.ckpt is damaged (its SHA-256 does not match" in resumed.stdout + resumed.stderr
     assert _trajectory(run_dir) == uninterrupted  # replayed from the older checkpoint: the same lambda

@@ -1,4 +1,4 @@
-"""The policy step as DPO on pseudo-preferences (../shared/method.md, section 4). Pure torch.
+"""The policy step as DPO on pseudo-preferences (docs/method.md, section 4). Pure torch.
 
 A pair is (x, y0, y1); `preference` is p = P(y1 > y0). Margins are taken as y1 over y0.
 """

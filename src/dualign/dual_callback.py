@@ -3,7 +3,7 @@ history, and checkpoints them with the reference statistics.
 
 Two triggers share one update: after every E epochs (a CAID iteration) from a fresh on-policy estimate, or every k
 optimiser steps (primal-dual) from the running constraint statistics the policy step reports for its own samples.
-Two rules: the projected step of method.md (caid) and Safe RLHF's log-space step."""
+Two rules: the projected step of docs/method.md (caid) and Safe RLHF's log-space step."""
 from __future__ import annotations
 
 import logging
@@ -61,6 +61,12 @@ class DualUpdate(L.Callback):
             initial = module.multipliers.detach().cpu().tolist()
             for logger in trainer.loggers:
                 logger.log_metrics({f"dual/lambda_{n}": initial[i] for i, n in enumerate(self.names)}, step=0)
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch, batch_idx: int) -> None:
+        if batch_idx == 0:  # the progress bar says which iteration runs and at which lambda, not only "Epoch k/n"
+            shown = {"iteration": float(self.iteration + 1)} if self.every_n_steps is None else {}
+            shown.update({f"lambda_{n}": module.multipliers[i] for i, n in enumerate(self.names)})
+            module.log_dict(shown, prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=1)
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if self.every_n_steps is None and (trainer.current_epoch + 1) % self.epochs_per_iteration == 0:

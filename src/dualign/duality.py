@@ -1,4 +1,4 @@
-"""Lagrangian duality for constrained alignment (../shared/method.md, sections 1-3).
+"""Lagrangian duality for constrained alignment (docs/method.md, sections 1-3).
 
 Pure torch on scored candidates: no Lightning, no Hydra. Shapes used throughout:
     reward    [P, N]      r(x, y) for P prompts and N candidate responses each

@@ -31,6 +31,8 @@ from optuna.trial import TrialState
 
 log = logging.getLogger(__name__)
 CONSTRAINTS_ATTR = "constraints"
+# Optuna 5 samplers read constraints set on the trial (constraints_func is deprecated there); Optuna 4 needs the func
+SET_CONSTRAINT = hasattr(optuna.trial.Trial, "set_constraint")
 WORKER = f"{socket.gethostname()}:{os.getpid()}"  # recorded on each trial this process runs
 
 
@@ -89,7 +91,7 @@ class OptunaSweeperImpl:
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         storage = self.storage or f"sqlite:///{(self.sweep_dir / 'optuna.db').resolve()}"
         kwargs = {}
-        if self.constraints:
+        if self.constraints and not SET_CONSTRAINT:
             accepts = "constraints_func" in inspect.signature(get_class(self.sampler_cfg["_target_"])).parameters
             if accepts:
                 kwargs["constraints_func"] = read_constraints
@@ -220,6 +222,9 @@ class OptunaSweeperImpl:
                     continue
                 if constraints is not None:
                     trial.set_user_attr(CONSTRAINTS_ATTR, constraints)
+                    if SET_CONSTRAINT:
+                        for index, violation in enumerate(constraints):
+                            trial.set_constraint(str(index), violation)
                 exhausted |= self._tell(study, trial, values=values)
             if exhausted:
                 log.info("the sampler has exhausted its search space; stopping")

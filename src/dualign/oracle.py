@@ -1,4 +1,4 @@
-"""Exact evaluation on an enumerated instance (method.md sections 2 and 6). Pure torch.
+"""Exact evaluation on an enumerated instance (docs/method.md sections 2 and 6). Pure torch.
 
 An instance is everything the problem is: log pi_ref(y|x) [P, N], reward [P, N], utilities [m, P, N], beta and
 the required improvements b [m]. Prompts are weighted uniformly.

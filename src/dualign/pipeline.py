@@ -330,21 +330,49 @@ def _mlflow_logger(cfg: TrainConfig, raw: DictConfig, resume_from: Path | None, 
     uri = cfg.logger.tracking_uri
     if uri.startswith("sqlite:///"):
         uri = lifecycle.prepare_sqlite_store(uri)
-    id_file = resume_from.parent / "mlflow_run_id" if resume_from else None
-    run_id = id_file.read_text().strip() if id_file and id_file.exists() else None
+    # beside the checkpoints' folder (older runs: inside it, where it made Lightning warn "exists and is not empty")
+    id_files = [resume_from.parent.parent / "mlflow_run_id", resume_from.parent / "mlflow_run_id"] if resume_from else []
+    run_id = next((f.read_text().strip() for f in id_files if f.is_file()), None)
+    if run_id is None:  # created here, so MLFlowLogger does not warn "Experiment ... not found" while creating it
+        import mlflow
+
+        client = mlflow.MlflowClient(uri)
+        if client.get_experiment_by_name(cfg.logger.experiment_name) is None:
+            # model training, not MLflow 3's GenAI view; artifacts beside a sqlite store, not in ./mlruns
+            location = None
+            if uri.startswith("sqlite:///"):
+                store = Path(uri[len("sqlite:///"):].split("?", 1)[0]).expanduser().resolve()
+                location = (store.parent / "mlartifacts").as_uri()
+            client.create_experiment(cfg.logger.experiment_name, artifact_location=location,
+                                     tags={"mlflow.experimentKind": "custom_model_development"})
     tags = {"algorithm": cfg.algorithm.name, "policy_step": cfg.policy_step.name, **cfg.logger.tags}
     if cfg.logger.parent_run_id:
         tags["mlflow.parentRunId"] = cfg.logger.parent_run_id
     logger = lifecycle.JobLogger(
-        experiment_name=cfg.logger.experiment_name, run_name=cfg.logger.run_name or run_name or cfg.algorithm.name,
+        experiment_name=cfg.logger.experiment_name, run_name=cfg.logger.run_name or run_name or _run_name(cfg),
         tracking_uri=uri, tags=tags, run_id=run_id,
     )
     if run_id is None:
         logger.log_hyperparams(report.flatten(OmegaConf.to_container(raw, resolve=True)))
-    checkpoints = Path(cfg.paths.output_dir) / "checkpoints"
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    (checkpoints / "mlflow_run_id").write_text(logger.run_id)
+    Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.paths.output_dir) / "mlflow_run_id").write_text(logger.run_id)
     return logger
+
+
+NAMELESS = ("paths.", "logger.", "hydra.", "ckpt_path", "trainer.enable_progress_bar", "allow_resume_changes")
+
+
+def _run_name(cfg: TrainConfig) -> str:
+    """The algorithm and the command line's overrides (where outputs and tracking go left out), as Hydra names
+    override folders: `caid experiment=two_constraints beta=0.5`, so MLflow's run list tells runs apart."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        overrides = list(HydraConfig.get().overrides.task)
+    except ValueError:  # composed outside a Hydra job (tests, notebooks)
+        overrides = []
+    shown = [o for o in overrides if not o.lstrip("+~").startswith(NAMELESS)]
+    return " ".join([cfg.algorithm.name, *shown])[:250]
 
 
 def preflight(cfg: TrainConfig) -> None:
@@ -422,6 +450,9 @@ def run(raw_cfg: DictConfig) -> dict:
     # a requeued attempt continues the MLflow run of the first, whose id sits beside the checkpoints
     resumed = output_dir / "checkpoints" / "last.ckpt" if cfg.ckpt_path == "last" else ckpt_path
     logger = _mlflow_logger(cfg, raw_cfg, Path(resumed) if resumed else None) if distributed.is_main() else None
+    if not cfg.logger.enabled and distributed.is_main():
+        log.warning("MLflow tracking is off (logger.enabled=false, as debug=fast sets it): the results are in %s only",
+                    output_dir)
     if distributed.is_main():
         checkpoints.record_changes(output_dir, changes, logger)
     with lifecycle.terminations(logger):  # the MLflow run ends with the job: FINISHED, FAILED or KILLED

@@ -1,4 +1,4 @@
-"""Policy steps: losses whose minimiser is argmax_theta L(pi_theta, lambda) (method.md section 4). Pure torch.
+"""Policy steps: losses whose minimiser is argmax_theta L(pi_theta, lambda) (docs/method.md section 4). Pure torch.
 
 Each is called as step(policy, batch, multipliers, iteration, global_step) -> (loss, metrics). A step that samples
 on-policy reports metrics["constraint_stats"] = (utility sums [m], count) for step-triggered dual updates.

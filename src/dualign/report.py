@@ -175,6 +175,11 @@ def table(summary: dict) -> str:
     lines.append(f"{'TV to pi*':<30}" + "".join(f"{c[1]['tv_to_optimum']:>14.4f}" for c in columns))
     lines.append("")
     for i, name in enumerate(names):
+        achieved = summary["final"]["improvement"][i]
+        if summary["optimal_multipliers"][i] <= 1e-9:  # inactive at the optimum: b is a floor, not a target
+            lines.append(f"{name}: inactive at the optimum (lambda* = 0): achieved {achieved:.4f} vs b = {b[i]:g}: "
+                         f"{'met' if achieved >= b[i] else 'NOT met'}")
+            continue
         error = summary["gaps"]["improvement_error"][i]
         lines.append(f"|achieved - b| for {name}: {error:.4f} = {error / abs(b[i]) if b[i] else float('nan'):.1%} of b")
     lines.append(f"P* - J: {summary['gaps']['objective']:.4f} (std of r under pi_ref: {summary['reference_reward_std']:.4f})")

@@ -29,16 +29,19 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experiment", required=True)
     parser.add_argument("--tracking-uri", default="sqlite:///outputs/mlflow.db")
-    parser.add_argument("--out", default=None, help="folder for report.md and the PNGs (default docs/sweeps/<experiment>)")
+    parser.add_argument("--out", default=None,
+                        help="folder for report.md and the PNGs (default outputs/sweep_reports/<experiment>)")
     parser.add_argument("--top", type=int, default=3, help="best feasible runs whose lambda trajectories are plotted")
     args = parser.parse_args(argv)
-    out = Path(args.out or f"docs/sweeps/{args.experiment}")
+    out = Path(args.out or f"outputs/sweep_reports/{args.experiment}")
     out.mkdir(parents=True, exist_ok=True)
     client = mlflow.MlflowClient(args.tracking_uri)
     runs = trial_runs(client, args.experiment)
     if not runs:
         raise SystemExit(f"sweep_report: experiment {args.experiment!r} has no finished dualign runs")
-    names = sorted(k[len("final/improvement_"):] for k in runs[0].data.metrics if k.startswith("final/improvement_"))
+    # the constraints every run has (final/violation_<name>); final/improvement_* also holds unconstrained scorers
+    names = sorted(set.intersection(*({k[len("final/violation_"):] for k in r.data.metrics
+                                       if k.startswith("final/violation_")} for r in runs)))
     first = names[0] if names else None
 
     def feasible(run) -> bool:
@@ -64,6 +67,9 @@ def main(argv=None) -> None:
         fig.savefig(out / "pareto.png", dpi=110)
         plt.close(fig)
         best = [r for r in rows if feasible(r)][: args.top]
+    if first and not best:
+        print("sweep_report: no run meets its constraints; no lambda trajectories to plot")
+    if first and best:
         fig, ax = plt.subplots(figsize=(5.5, 4))
         for k, run in enumerate(best):
             for name in names:
@@ -80,14 +86,16 @@ def main(argv=None) -> None:
     header = ["run", "trial", *varied, "J", "E[r]", *[f"improvement {n}" for n in names], "feasible"]
     lines = [f"# {args.experiment}", "", f"{len(runs)} runs; tracking store {args.tracking_uri}.", ""]
     if first:
-        lines += ["![Pareto front](pareto.png) ![lambda](lambda_best.png)", ""]
+        lines += ["![Pareto front](pareto.png)" + (" ![lambda](lambda_best.png)" if best else ""), ""]
+        if not best:
+            lines += ["No run meets its constraints.", ""]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in rows:
         m = run.data.metrics
         lines.append("| " + " | ".join([
             run.info.run_id[:8], run.data.tags.get("optuna_trial", ""), *[run.data.params.get(k, "") for k in varied],
-            f"{m['final/objective']:.4f}", f"{m['final/reward']:.4f}",
-            *[f"{m[f'final/improvement_{n}']:.4f}" for n in names], "yes" if feasible(run) else "no",
+            f"{m['final/objective']:.4f}", f"{m.get('final/reward', float('nan')):.4f}",
+            *[f"{m.get(f'final/improvement_{n}', float('nan')):.4f}" for n in names], "yes" if feasible(run) else "no",
         ]) + " |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / 'report.md'}")

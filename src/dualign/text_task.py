@@ -1,4 +1,4 @@
-"""Text tasks: a preference dataset, a Hugging Face policy and model scorers (method.md section 5).
+"""Text tasks: a preference dataset, a Hugging Face policy and model scorers (docs/method.md section 5).
 
 `TextTask` gives the pipeline what the exact task gives it (prompts, their token ids, the tokenizer, the response
 length), for the training and the test split. `build_text` loads everything and runs the rollout stage for pi_ref
