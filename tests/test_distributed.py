@@ -1,5 +1,5 @@
-"""Scale and faults through the real entry point: a 2-process DDP run (gloo, CPU) against 1 process, and a run
-SIGKILLed in the middle of an iteration, resumed from its last checkpoint."""
+"""Scale through the real entry point: a 2-process DDP run (gloo, CPU) against 1 process. (Signals and resume:
+tests/test_termination.py.)"""
 import json
 import os
 import subprocess
@@ -40,31 +40,3 @@ def test_two_process_ddp_gives_the_one_process_lambda_trajectory(tmp_path):
     print(f"\n1 vs 2 processes: lambda {single} vs {double}, max difference {difference:.2e}")
     assert difference < 1e-4, (single, double)
     assert single[-1] != single[0]  # lambda moved, so the comparison means something
-
-
-def test_sigkill_mid_iteration_then_resume_matches_the_uninterrupted_run(tmp_path):
-    """Iteration 2 of 3 (2 epochs of 8 steps each) is killed at optimiser step 21 (epoch 3, mid-epoch, after the
-    epoch-2 checkpoint); ckpt_path=last resumes from there, with the same MLflow run."""
-    common = ["algorithm.iterations=3", "algorithm.epochs_per_iteration=2", f"logger.tracking_uri=sqlite:///{tmp_path / 'm.db'}"]
-    full = _train(tmp_path, tmp_path / "full", *common)
-    assert full.returncode == 0, full.stderr[-3000:]
-    killed = _train(tmp_path, tmp_path / "killed", *common, env={"DUALIGN_FAULT": "step=21:SIGKILL"})
-    assert killed.returncode == -9  # SIGKILL: no cleanup ran
-    assert not (tmp_path / "killed" / "summary.json").exists()
-    assert (tmp_path / "killed" / "checkpoints" / "last.ckpt").is_file()
-    resumed = _train(tmp_path, tmp_path / "killed", *common, "ckpt_path=last")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    uninterrupted, _ = _trajectory(tmp_path / "full")
-    after_kill, _ = _trajectory(tmp_path / "killed")
-    difference = max(abs(a - b) for x, y in zip(uninterrupted, after_kill) for a, b in zip(x, y))
-    print(f"\nuninterrupted vs SIGKILL + resume: lambda {uninterrupted} vs {after_kill}, max difference {difference:.2e}")
-    assert len(after_kill) == 3 and difference < 1e-5, (uninterrupted, after_kill)
-
-    import mlflow
-
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("dualign").experiment_id])
-    assert len(runs) == 2  # the full run and the killed-then-resumed one: one MLflow run, continued
-    killed_run = [r for r in runs if r.info.run_id == (tmp_path / "killed" / "mlflow_run_id").read_text().strip()]
-    assert killed_run and killed_run[0].info.status == "FINISHED"
-    assert len(client.get_metric_history(killed_run[0].info.run_id, "dual/lambda_safety")) >= 4
