@@ -185,3 +185,33 @@ def test_a_scorer_returning_the_wrong_shape_is_refused():
     scorer = CallableScorer("pairs", ScorerConfig(kind="callable", _target_=f"{__name__}.paired_scores"))
     with pytest.raises(ValueError, match=r"scorer 'pairs' returned scores of shape \(2, 2\) for 4 responses"):
         score_all([scorer], ["a"] * 4, ["w", "x", "y", "z"])
+
+
+def test_a_multiplier_that_keeps_rising_while_its_constraint_stays_short_is_reported_once(caplog):
+    from dualign.dual_callback import DualUpdate
+
+    dual = DualUpdate(None, ["safety", "humour"], torch.zeros(2), torch.ones(2), torch.ones(2), 1)
+    steps = [([1.0, 0.5], [1.5, 0.4], [-0.5, 0.1]), ([1.5, 0.4], [2.0, 0.3], [-0.4, 0.1]),
+             ([2.0, 0.3], [2.4, 0.2], [-0.3, 0.1]), ([2.4, 0.2], [2.7, 0.1], [-0.3, 0.1])]
+    with caplog.at_level("WARNING", logger="dualign"):
+        for used, updated, slack in steps:
+            dual.history.append({"multipliers_used": used, "multipliers": updated, "estimated_slack": slack})
+            dual._warn_if_out_of_reach()
+    warnings = [r.getMessage() for r in caplog.records if "beyond this policy's reach" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("lambda_safety has risen for 3 dual steps (1.5 -> 2 -> 2.4)")
+    near = DualUpdate(None, ["safety"], torch.zeros(1), torch.tensor([0.5]), torch.ones(1), 1)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dualign"):  # converging onto b = 0.5 from below: not a warning
+        for used, updated, slack in [(1.21, 1.23, -0.01), (1.23, 1.24, -0.004), (1.24, 1.241, -0.0016)]:
+            near.history.append({"multipliers_used": [used], "multipliers": [updated], "estimated_slack": [slack]})
+            near._warn_if_out_of_reach()
+    assert "beyond this policy's reach" not in caplog.text
+
+
+def test_a_met_inactive_constraint_is_reported_met_not_as_a_miss(make_cfg, capsys):
+    from dualign.pipeline import run
+
+    run(make_cfg("constraints.safety.threshold=-1", "algorithm.iterations=1"))
+    out = capsys.readouterr().out
+    assert "safety: inactive at the optimum (lambda* = 0): achieved" in out and "vs b = -1: met" in out
+    assert "% of b" not in out

@@ -131,6 +131,8 @@ def test_runs_started_together_never_share_a_folder_or_break_a_fresh_mlflow_stor
     client = mlflow.MlflowClient(store)
     runs = client.search_runs([client.get_experiment_by_name("dualign").experiment_id])
     assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
+    names = sorted(r.info.run_name for r in runs)  # named from the command's overrides, so the UI tells them apart
+    assert names[0].startswith("caid debug=fast") and "seed=1" in names[0] and "seed=2" in names[1]
 
 
 def test_a_refused_config_leaves_no_run_folder_and_a_name_cannot_make_one_elsewhere(tmp_path):

@@ -134,13 +134,15 @@ class DualUpdate(L.Callback):
 
     def _warn_if_out_of_reach(self, steps: int = 3) -> None:
         """Once per constraint: its multiplier rose at each of the last `steps` dual steps and the constraint is
-        still short every time: b may be beyond what the policy can reach."""
+        still short every time, by more than 10% of b (a run converging onto b from below rises by small steps and is
+        short by little): b may be beyond what the policy can reach."""
         if not self.update or len(self.history) < steps:
             return
         recent = self.history[-steps:]
         for i, name in enumerate(self.names):
             rising = all(r["multipliers"][i] > r["multipliers_used"][i] for r in recent)
-            short = all(r["estimated_slack"][i] < 0 for r in recent)
+            margin = 0.1 * max(abs(float(self.threshold[i])), 1e-3)
+            short = all(r["estimated_slack"][i] < -margin for r in recent)
             if rising and short and name not in self._warned:
                 self._warned.add(name)
                 trail = " -> ".join(f"{r['multipliers'][i]:.3g}" for r in recent)
