@@ -36,7 +36,7 @@ def cached_folder(root: str | os.PathLike, kind: str, key: dict, build: Callable
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".tmp-{socket.gethostname()}-{os.getpid()}-"))
     try:
         build(staging)
-        manifest = {str(p.relative_to(staging)): _sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()}
+        manifest = {str(p.relative_to(staging)): file_sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()}
         (staging / "manifest.json").write_text(json.dumps(manifest, sort_keys=True))
         (staging / "key.json").write_text(json.dumps(key, sort_keys=True, default=str))  # written last: marks complete
         # another process (a parallel sweep job, another rank) may have finished the same entry meanwhile: keep it
@@ -68,7 +68,7 @@ def _valid(folder: Path, expected, load, quiet: bool = False):
             return _MISSING
         manifest = json.loads((folder / "manifest.json").read_text())
         for name, digest in manifest.items():
-            if _sha256(folder / name) != digest:
+            if file_sha256(folder / name) != digest:
                 raise ValueError(f"{name} changed since it was written (SHA-256 mismatch)")
         return load(folder)
     except Exception as error:  # a damaged entry is rebuilt
@@ -77,7 +77,7 @@ def _valid(folder: Path, expected, load, quiet: bool = False):
         return _MISSING
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as stream:
         for block in iter(lambda: stream.read(1 << 24), b""):

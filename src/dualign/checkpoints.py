@@ -8,7 +8,6 @@ any of them is an error naming the keys, unless `allow_resume_changes` lists the
 written to resume_changes.json in the run folder (and tagged on the MLflow run)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from .cache import file_sha256
 from .config import ConfigError, TrainConfig
 
 log = logging.getLogger("dualign")
@@ -50,21 +50,13 @@ def _sidecar(path: str | Path) -> Path:
     return Path(f"{path}.sha256")
 
 
-def sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class CheckedCheckpoint(ModelCheckpoint):
     """ModelCheckpoint that writes `<file>.sha256` beside every checkpoint and removes it with the checkpoint."""
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
         super()._save_checkpoint(trainer, filepath)
         if trainer.is_global_zero:
-            _sidecar(filepath).write_text(sha256(filepath))
+            _sidecar(filepath).write_text(file_sha256(filepath))
 
     def _remove_checkpoint(self, trainer, filepath: str) -> None:
         super()._remove_checkpoint(trainer, filepath)
@@ -82,7 +74,7 @@ def _problem(path: Path) -> str | None:
     """Why the checkpoint cannot be used, or None."""
     try:
         expected = _sidecar(path).read_text().strip() if _sidecar(path).is_file() else None
-        if expected is not None and sha256(path) != expected:
+        if expected is not None and file_sha256(path) != expected:
             return "its SHA-256 does not match the one written with it"
         torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # unreadable, truncated, garbled
