@@ -84,6 +84,18 @@ class JobLogger(MLFlowLogger):
 SQLITE_HEADER = b"SQLite format 3\x00"
 
 
+def sqlite_path(uri: str) -> Path:
+    """The database file of a sqlite:/// URI (query options such as ?timeout= left out)."""
+    return Path(uri[len("sqlite:///"):].split("?", 1)[0]).expanduser().resolve()
+
+
+def is_sqlite_file(path: Path) -> bool:
+    """An empty file or one that starts with SQLite's header (16 bytes read, not the whole store)."""
+    with open(path, "rb") as stream:
+        head = stream.read(16)
+    return not head or head == SQLITE_HEADER
+
+
 def prepare_sqlite_store(uri: str) -> str:
     """A sqlite store created (or migrated) by one process at a time, under a file lock: two first runs on a fresh
     store raced in MLflow's schema migration ("duplicate column name"). The returned URI waits up to 60 s for a
@@ -91,7 +103,7 @@ def prepare_sqlite_store(uri: str) -> str:
     import mlflow
     from filelock import FileLock
 
-    path = Path(uri[len("sqlite:///"):].split("?", 1)[0]).expanduser().resolve()
+    path = sqlite_path(uri)
     with FileLock(f"{path}.lock", timeout=600):
         mlflow.MlflowClient(uri).search_experiments(max_results=1)  # creates or migrates the schema
     return uri if "timeout=" in uri else f"{uri}{'&' if '?' in uri else '?'}timeout=60"

@@ -341,8 +341,7 @@ def _mlflow_logger(cfg: TrainConfig, raw: DictConfig, resume_from: Path | None, 
             # model training, not MLflow 3's GenAI view; artifacts beside a sqlite store, not in ./mlruns
             location = None
             if uri.startswith("sqlite:///"):
-                store = Path(uri[len("sqlite:///"):].split("?", 1)[0]).expanduser().resolve()
-                location = (store.parent / "mlartifacts").as_uri()
+                location = (lifecycle.sqlite_path(uri).parent / "mlartifacts").as_uri()
             client.create_experiment(cfg.logger.experiment_name, artifact_location=location,
                                      tags={"mlflow.experimentKind": "custom_model_development"})
     tags = {"algorithm": cfg.algorithm.name, "policy_step": cfg.policy_step.name, **cfg.logger.tags}
@@ -401,8 +400,8 @@ def preflight(cfg: TrainConfig) -> None:
             raise ConfigError(f"logger.tracking_uri={uri!r} is not reachable ({reason}); start the server or set "
                               "logger.enabled=false") from None
     elif uri.startswith("sqlite:///"):
-        database = Path(uri[len("sqlite:///"):].split("?", 1)[0]).expanduser().resolve()
-        if database.is_file() and database.stat().st_size and database.read_bytes()[:16] != lifecycle.SQLITE_HEADER:
+        database = lifecycle.sqlite_path(uri)
+        if database.is_file() and not lifecycle.is_sqlite_file(database):
             raise ConfigError(f"logger.tracking_uri={uri!r}: {database} is not an SQLite database")
         folder = database.parent
         try:
