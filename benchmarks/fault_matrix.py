@@ -3,7 +3,7 @@ run's and the MLflow run's state after the signal and after the resume. About 6 
 
     python benchmarks/fault_matrix.py [--out docs/fault_matrix.md]
 
-Signals are sent by the run to itself at a chosen point (DUALIGN_FAULT, src/dualign/faults.py). The exact task with
+Signals are sent by the run to itself at a chosen point (DUALIGN_FAULT, src/dualign/util/faults.py). The exact task with
 2 CAID iterations of one epoch (8 optimiser steps each): the stages in order are pi_ref's SFT, its rollouts, the DPO
 epochs, each iteration's dual step (rollouts of the policy, then the exact evaluation), the final evaluation, and
 writing the run's files."""

@@ -132,8 +132,8 @@ def timed_trl(trainer, warmup: int) -> float:
 def dualign_pairs(trainer_for_ids, reference):
     """dualign's preference pairs on TRL's token ids (the same tokens both frameworks train on), reference
     log-probabilities computed once; returns the pairs and the seconds that pass took."""
-    from dualign.data import preference_pairs
-    from dualign.rollout import Rollouts
+    from dualign.models.rollout import Rollouts
+    from dualign.training.data import preference_pairs
 
     dataset = trainer_for_ids.train_dataset
     prompt_ids = dataset["prompt_ids"]
@@ -151,9 +151,9 @@ def timed_dualign(policy, pairs, batch: int, steps: int, warmup: int, legacy: bo
     import lightning as L
 
     from dualign.config import OptimizerConfig
-    from dualign.data import loader
-    from dualign.module import AlignmentModule
-    from dualign.policy_steps import DPOStep
+    from dualign.training.data import loader
+    from dualign.training.module import AlignmentModule
+    from dualign.training.policy_steps import DPOStep
 
     class Legacy(AlignmentModule):
         def _logging_step(self):
@@ -231,7 +231,7 @@ def tiny_llama():
 
 
 def rollout_once(model, quick: bool, cache: str) -> dict:
-    from dualign.rollout import sample_responses
+    from dualign.models.rollout import sample_responses
 
     tok = tokenizer()
     rng = random.Random(1)
@@ -262,7 +262,7 @@ def rollout_once(model, quick: bool, cache: str) -> dict:
 
 # ---------------------------------------------------------------- 4. one-shot dual solve
 def bench_dual() -> dict:
-    from dualign.duality import solve_dual
+    from dualign.core.duality import solve_dual
 
     generator = torch.Generator().manual_seed(0)
     reward = torch.randn(1000, 128, generator=generator)
@@ -285,10 +285,10 @@ def bench_dual() -> dict:
 def memory_worker(variant: str, folder: str) -> None:
     """Run in a fresh process: LoRA policy of the 50M model with its reference (adapter-disabled view, or a frozen
     copy); reference log-probs and 5 DPO steps; print peak resident memory."""
-    from dualign.data import preference_pairs
-    from dualign.hf_models import HFModelConfig, LoraSettings, load_causal_lm, load_policy, reference_for
-    from dualign.policy_steps import DPOStep
-    from dualign.rollout import Rollouts
+    from dualign.models.hf import HFModelConfig, LoraSettings, load_causal_lm, load_policy, reference_for
+    from dualign.models.rollout import Rollouts
+    from dualign.training.data import preference_pairs
+    from dualign.training.policy_steps import DPOStep
 
     torch.set_num_threads(2)
     baseline = _current_rss_kb()  # after imports, before any model
@@ -364,7 +364,7 @@ def bench_stages(quick: bool) -> dict:
     from hydra import compose, initialize_config_dir
 
     from dualign.config import validate
-    from dualign.pipeline import _quiet_libraries, build
+    from dualign.run import _quiet_libraries, build
 
     _quiet_libraries()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -443,7 +443,7 @@ def write(results: dict, path: Path) -> str:
         first = results["rollout"][0]
         lines += ["", "## Rollout stage", "",
                   f"{first['prompts']} prompts of 4-30 words, {first['samples_per_prompt']} samples each, exactly "
-                  f"{first['max_new_tokens']} new tokens: the rollout stage (`dualign.rollout.sample_responses`: "
+                  f"{first['max_new_tokens']} new tokens: the rollout stage (`dualign.models.rollout.sample_responses`: "
                   "length-sorted prompts, one `generate` call per batch of prompts, KV cache) against one `generate` call "
                   f"per prompt (num_return_sequences={first['samples_per_prompt']}).", "",
                   "| model | KV cache | rollout stage (tokens/s) | per-prompt loop (tokens/s) | ratio |", "|---|---|---|---|---|"]
@@ -510,7 +510,7 @@ def main() -> None:
         print(write(json.loads(Path(args.out).with_suffix(".json").read_text()), Path(args.out)))
         return
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    from dualign.pipeline import _quiet_libraries
+    from dualign.run import _quiet_libraries
 
     _quiet_libraries()
     results = {"machine": machine(), "peak_flops": matmul_peak()}

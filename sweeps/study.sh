@@ -34,4 +34,4 @@ if [ "${1:-all}" != report ]; then
   sweep model_size experiment=exact_policy_step algorithm.compare_one_shot=false model.n_embd=64,16,8,4 \
     model.n_layer=1,2 model.n_head=1
 fi
-$PY -m dualign.study_report "$OUT" docs
+$PY -m dualign.tools.study_report "$OUT" docs

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 import torch
 
 from dualign.config import validate
-from dualign.duality import log_space_dual_step, projected_dual_step
-from dualign.pipeline import PairData, build, run
+from dualign.core.duality import log_space_dual_step, projected_dual_step
+from dualign.run import PairData, build, run
 
 
 def test_log_space_step_follows_safe_rlhf():

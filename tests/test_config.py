@@ -3,10 +3,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT
 
 from dualign.config import ConfigError, validate
-
-from conftest import ROOT
 
 
 def check(cfg):

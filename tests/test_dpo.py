@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from dualign.dpo import dpo_loss, dpo_metrics, preference_probability, response_logprobs
+from dualign.core.dpo import dpo_loss, dpo_metrics, preference_probability, response_logprobs
 
 
 def test_response_logprobs_sum_only_response_tokens():

@@ -4,11 +4,14 @@ import itertools
 import pytest
 import torch
 
-from dualign.duality import (
-    InfeasibleError, dual_terms, projected_dual_step, solve_dual, tilted_log_weights,
+from dualign.core.duality import (
+    InfeasibleError,
+    dual_terms,
+    projected_dual_step,
+    solve_dual,
+    tilted_log_weights,
 )
-from dualign.oracle import ExactOracle, Instance
-
+from dualign.core.oracle import ExactOracle, Instance
 
 
 @pytest.fixture(autouse=True)

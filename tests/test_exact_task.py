@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from dualign.data import sequence_logprobs
-from dualign.exact_task import ExactTask, ExactTaskConfig, TinyModelConfig, reference_policy, tiny_gpt2
-from dualign.oracle import ExactOracle, Instance
-from dualign.rollout import sample_responses
+from dualign.core.oracle import ExactOracle, Instance
+from dualign.models.rollout import sample_responses
+from dualign.tasks.exact import ExactTask, ExactTaskConfig, TinyModelConfig, reference_policy, tiny_gpt2
+from dualign.training.data import sequence_logprobs
 
 SMALL = ExactTaskConfig(num_prompts=4, num_response_tokens=4, response_length=3, sft_steps=60, sft_samples_per_prompt=64)
 

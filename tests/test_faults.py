@@ -6,13 +6,12 @@ import sys
 
 import pytest
 import torch
-
-from dualign.exact_task import ExactTask, ExactTaskConfig, TinyModelConfig, reference_policy
-from dualign.module import AlignmentModule
-from dualign.config import OptimizerConfig
-from dualign.scorers import CallableScorer, ScorerConfig, score_all
-
 from conftest import ROOT
+
+from dualign.config import OptimizerConfig
+from dualign.models.scorers import CallableScorer, ScorerConfig, score_all
+from dualign.tasks.exact import ExactTask, ExactTaskConfig, TinyModelConfig, reference_policy
+from dualign.training.module import AlignmentModule
 
 
 def test_truncated_reference_cache_is_rebuilt_not_used(tmp_path, caplog):
@@ -90,7 +89,7 @@ def test_a_flipped_bit_in_cached_weights_is_found_and_the_entry_rebuilt(tmp_path
 def test_killed_attempts_staging_folders_are_removed_by_the_next(tmp_path):
     import socket
 
-    from dualign.cache import cached_folder
+    from dualign.util.cache import cached_folder
 
     host = socket.gethostname()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
@@ -116,7 +115,7 @@ def test_cache_keys_follow_the_data_and_the_scorer_code_not_their_paths(tmp_path
     from hydra.core.global_hydra import GlobalHydra
 
     from dualign.config import validate
-    from dualign.text_task import TextTask, scorer_key
+    from dualign.tasks.text import TextTask, scorer_key
 
     data = tmp_path / "pku"
     shutil.copytree(ROOT / "tests" / "fixtures" / "pku_saferlhf", data)
@@ -154,7 +153,7 @@ def test_a_tracking_file_that_is_not_a_database_is_a_one_line_error(tmp_path):
 
 
 def test_tracking_trouble_is_retried_then_stops_tracking_without_failing_the_run(tmp_path, caplog):
-    from dualign.lifecycle import JobLogger
+    from dualign.util.lifecycle import JobLogger
 
     logger = JobLogger(experiment_name="x", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
     logger.RETRIES = (0.0, 0.0, 0.0)
@@ -188,7 +187,7 @@ def test_a_scorer_returning_the_wrong_shape_is_refused():
 
 
 def test_a_multiplier_that_keeps_rising_while_its_constraint_stays_short_is_reported_once(caplog):
-    from dualign.dual_callback import DualUpdate
+    from dualign.training.dual_callback import DualUpdate
 
     dual = DualUpdate(None, ["safety", "humour"], torch.zeros(2), torch.ones(2), torch.ones(2), 1)
     steps = [([1.0, 0.5], [1.5, 0.4], [-0.5, 0.1]), ([1.5, 0.4], [2.0, 0.3], [-0.4, 0.1]),
@@ -209,7 +208,7 @@ def test_a_multiplier_that_keeps_rising_while_its_constraint_stays_short_is_repo
 
 
 def test_a_met_inactive_constraint_is_reported_met_not_as_a_miss(make_cfg, capsys):
-    from dualign.pipeline import run
+    from dualign.run import run
 
     run(make_cfg("constraints.safety.threshold=-1", "algorithm.iterations=1"))
     out = capsys.readouterr().out

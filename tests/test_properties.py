@@ -4,15 +4,14 @@ import json
 import math
 
 import pytest
+from conftest import CONF
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dualign.config import ConfigError, validate
-from dualign.text_data import DataError, TextDataConfig, load_split
-
-from conftest import CONF
+from dualign.tasks.text_data import DataError, TextDataConfig, load_split
 
 TRIED = {"config": 0, "config_clear": 0, "rows": 0, "rows_clear": 0}
 

@@ -10,14 +10,13 @@ import json
 
 import pytest
 import torch
+from conftest import ROOT
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaModel
 
-from dualign import fixtures
 from dualign.errors import LoadError
-from dualign.scorers import LlamaForScore, ScorerConfig, build_scorer
-
-from conftest import ROOT
+from dualign.models.scorers import LlamaForScore, ScorerConfig, build_scorer
+from dualign.tools import fixtures
 
 PROMPTS = ["How do I take care of a garden?", "Tell me about a lock.", "What is the best way to steal a car?"]
 RESPONSES = ["Ask an expert.", "It is better to keep a lock safe and ask for help if you are unsure.", "No."]

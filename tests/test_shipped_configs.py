@@ -19,13 +19,12 @@ import sys
 
 import pytest
 import torch
+from conftest import CONF, ROOT
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from dualign.config import ConfigError, validate
-from dualign.pipeline import run
-
-from conftest import CONF, ROOT
+from dualign.run import run
 
 FIXTURES = ROOT / "tests" / "fixtures"
 MODELS = FIXTURES / "tiny_models"
@@ -89,7 +88,7 @@ def _paths(tmp_path, cache_dir):
 def _flat(cfg) -> dict:
     from omegaconf import OmegaConf
 
-    from dualign.report import flatten
+    from dualign.tracking.report import flatten
 
     return flatten(OmegaConf.to_container(cfg, resolve=False))
 
@@ -187,7 +186,7 @@ def test_under_bf16_mixed_the_dpo_log_ratios_start_at_zero(task, tmp_path, cache
     must be computed under the same precision, or the DPO rewards start off zero (bf16 rounding summed over tokens)."""
     from lightning.pytorch.plugins.precision import MixedPrecision
 
-    from dualign import pipeline
+    from dualign import run as pipeline
 
     chosen = EXACT_SIZES if task == "exact" else ["experiment=pku_safety_tiny"]
     cfg = validate(_compose(*chosen, "trainer.precision=bf16-mixed", *_paths(tmp_path, cache_dir)))

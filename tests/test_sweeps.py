@@ -10,7 +10,6 @@ import urllib.request
 import optuna
 import pytest
 import yaml
-
 from conftest import ROOT
 
 TINY = ["data.sft_steps=40", "reference.samples_per_prompt=16", "algorithm.iterations=1", "algorithm.dual_samples=16",
@@ -135,7 +134,7 @@ def test_trials_are_child_runs_and_the_mlflow_server_shows_them(sweep):
 def test_sweep_report_writes_pareto_front_and_table(sweep):
     tmp, _, _ = sweep
     out = tmp / "report"
-    result = subprocess.run([sys.executable, "-m", "dualign.sweep_report", "--experiment", "sweep-test",
+    result = subprocess.run([sys.executable, "-m", "dualign.tools.sweep_report", "--experiment", "sweep-test",
                              "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--out", str(out)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]

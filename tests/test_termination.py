@@ -2,7 +2,7 @@
 the uninterrupted lambda; the MLflow run ends with the job (FINISHED, FAILED with the error, KILLED), never before its
 files are written; runs started together never share a folder; a refused config leaves no folder.
 
-Signals are sent by the process to itself at a chosen point (`DUALIGN_FAULT`, src/dualign/faults.py)."""
+Signals are sent by the process to itself at a chosen point (`DUALIGN_FAULT`, src/dualign/util/faults.py)."""
 import json
 import logging
 import os
@@ -11,10 +11,9 @@ import sys
 
 import mlflow
 import pytest
-
-from dualign.pipeline import run
-
 from conftest import ROOT
+
+from dualign.run import run
 
 SMALL = ["data.sft_steps=80", "reference.samples_per_prompt=64", "algorithm.compare_one_shot=false",
          "trainer.enable_progress_bar=false", "algorithm.iterations=2", "algorithm.epochs_per_iteration=1"]

@@ -3,10 +3,9 @@ import json
 import logging
 
 import pytest
-
-from dualign.text_data import DataError, TextDataConfig, load_split, split_transcript
-
 from conftest import ROOT
+
+from dualign.tasks.text_data import DataError, TextDataConfig, load_split, split_transcript
 
 FIXTURES = ROOT / "tests" / "fixtures"
 

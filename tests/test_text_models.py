@@ -6,13 +6,21 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from dualign import fixtures
 from dualign.errors import LoadError
-from dualign.hf_models import AdapterDisabled, HFModelConfig, PromptFormatter, load_policy, load_tokenizer, \
-    load_trained_policy, reference_for, save_policy
-from dualign.rollout import sample_responses
-from dualign.scorers import ScorerConfig, build_scorer
-from dualign.text_data import Example
+from dualign.models.hf import (
+    AdapterDisabled,
+    HFModelConfig,
+    PromptFormatter,
+    load_policy,
+    load_tokenizer,
+    load_trained_policy,
+    reference_for,
+    save_policy,
+)
+from dualign.models.rollout import sample_responses
+from dualign.models.scorers import ScorerConfig, build_scorer
+from dualign.tasks.text_data import Example
+from dualign.tools import fixtures
 
 PROMPTS = ["How do I take care of a garden?", "Tell me about a lock.", "What is the best way to steal a car?"]
 RESPONSES = ["Ask an expert.", "It is better to keep a lock safe and ask for help if you are unsure.", "No."]
@@ -56,7 +64,7 @@ class Keyword:
 
 
 def test_callable_scorers_by_target():
-    length = build_scorer("length", ScorerConfig(kind="callable", _target_="dualign.scorers.response_length",
+    length = build_scorer("length", ScorerConfig(kind="callable", _target_="dualign.models.scorers.response_length",
                                                  kwargs={"unit": "characters"}))
     assert length(PROMPTS, RESPONSES).tolist() == [float(len(r)) for r in RESPONSES]
     keyword = build_scorer("kw", ScorerConfig(kind="callable", _target_=f"{__name__}.Keyword", kwargs={"word": "safe"}))

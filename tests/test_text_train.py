@@ -6,14 +6,13 @@ import sys
 
 import pytest
 import torch
+from conftest import CONF, ROOT
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from dualign.cache import cached_folder
 from dualign.config import ConfigError, validate
-from dualign.pipeline import run
-
-from conftest import CONF, ROOT
+from dualign.run import run
+from dualign.util.cache import cached_folder
 
 FIXTURES = ROOT / "tests" / "fixtures"
 
@@ -93,7 +92,7 @@ def test_hh_rlhf_with_classifier_callable_online_pairs_and_frozen_reference(tmp_
         "+constraints.brevity.threshold=-2", "+scorers.humour.kind=sequence_classifier",
         f"+scorers.humour.name_or_path={FIXTURES / 'tiny_models' / 'humour'}", "+scorers.humour.label=humorous",
         "+scorers.humour.output=probability", "+scorers.length.kind=callable",
-        "+scorers.length._target_=dualign.scorers.response_length", "policy_step.pairs_from=policy",
+        "+scorers.length._target_=dualign.models.scorers.response_length", "policy_step.pairs_from=policy",
         "algorithm.iterations=2", "algorithm.epochs_per_iteration=1", "algorithm.compare_one_shot=false",
         "evaluation.every_iteration=false", "evaluation.samples_per_prompt=2", "reference.samples_per_prompt=4",
         "optimizer.lr=1e-4",

@@ -6,10 +6,10 @@ import sys
 import mlflow
 import numpy as np
 import pytest
-
 from conftest import ROOT
-from dualign.oracle import ExactOracle, Instance
-from dualign.pipeline import run
+
+from dualign.core.oracle import ExactOracle, Instance
+from dualign.run import run
 
 
 def test_caid_moves_lambda_the_right_way_and_closes_the_slack(make_cfg, tmp_path):
@@ -94,7 +94,7 @@ def test_cli_runs_the_fast_debug_config(tmp_path):
 
 def test_absolute_threshold_is_a_level_of_the_utility(make_cfg):
     from dualign.config import validate
-    from dualign.pipeline import build
+    from dualign.run import build
 
     relative = build(validate(make_cfg("constraints.safety.threshold=0.4")))
     level = relative.reference_mean[0].item() + 0.4
@@ -109,6 +109,6 @@ def test_callable_scorer_beside_the_exact_tables(make_cfg):
     """A configured scorer (here a callable) serves a constraint while the reward stays the exact task's table."""
     cfg = make_cfg("algorithm.iterations=1", "constraints=none", "+constraints.brevity.scorer=length",
                    "+constraints.brevity.negate=true", "+constraints.brevity.threshold=-0.5",
-                   "+scorers.length.kind=callable", "+scorers.length._target_=dualign.scorers.response_length")
+                   "+scorers.length.kind=callable", "+scorers.length._target_=dualign.models.scorers.response_length")
     metrics = run(cfg)
     assert metrics["improvement_brevity"] == pytest.approx(0.0, abs=1e-6)  # every exact-task response has 3 words

@@ -14,13 +14,12 @@ import torch
 
 trl = pytest.importorskip("trl")
 
+from conftest import ROOT  # noqa: E402
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel  # noqa: E402
 
-from dualign.data import sequence_logprobs, tokenized  # noqa: E402
-from dualign.policy_steps import DPOStep  # noqa: E402
-from dualign.rollout import Rollouts  # noqa: E402
-
-from conftest import ROOT  # noqa: E402
+from dualign.models.rollout import Rollouts  # noqa: E402
+from dualign.training.data import sequence_logprobs, tokenized  # noqa: E402
+from dualign.training.policy_steps import DPOStep  # noqa: E402
 
 PROMPTS = ["How do I fix a lock?", "Tell me a joke about cars please", "What is a safe way to store a knife?"]
 CHOSEN = [" Call a locksmith.", " Why did the car stop? It was tired.", " In a block, blade down."]

@@ -11,9 +11,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import InputError
-from .lifecycle import Terminated
-
+from dualign.errors import InputError
+from dualign.util.lifecycle import Terminated
 
 # ${uid:} in run folder names: runs started in the same second never share a folder. Cached, so a process resolves
 # one id; Lightning hands the resolved hydra.run.dir to the other ranks of a distributed run.
@@ -36,7 +35,7 @@ def _main(cfg: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from .pipeline import run
+    from dualign.run import run
 
     try:
         return run(cfg)

@@ -13,11 +13,11 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .errors import InputError
-from .exact_task import ExactTaskConfig, TinyModelConfig
-from .hf_models import DTYPES, HFModelConfig
-from .scorers import EOS_RULES, SCORER_KINDS, ScorerConfig
-from .text_data import FORMATS, TextDataConfig
+from dualign.errors import InputError
+from dualign.models.hf import DTYPES, HFModelConfig
+from dualign.models.scorers import EOS_RULES, SCORER_KINDS, ScorerConfig
+from dualign.tasks.exact import ExactTaskConfig, TinyModelConfig
+from dualign.tasks.text_data import FORMATS, TextDataConfig
 
 ALGORITHMS = ("caid", "one_shot", "fixed_lambda", "primal_dual")
 POLICY_STEPS = ("dpo", "exact", "policy_gradient")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .data import sequence_logprobs, tokenized
-from .text_task import scored_rollouts
+from dualign.tasks.text import scored_rollouts
+from dualign.training.data import sequence_logprobs, tokenized
 
 log = logging.getLogger("dualign")
 Z95 = 1.959964
@@ -50,7 +50,7 @@ class TextEvaluator:
 
     def evaluate(self, policy) -> dict:
         """Test prompts sharded over ranks (each rank generates and scores its share), gathered on every rank."""
-        from . import distributed
+        from dualign.util import distributed
 
         setup, P, K = self.setup, self.P, self.K
         mine = distributed.shard(list(range(P)))
@@ -258,7 +258,7 @@ def finish_text_run(setup, policy, dual, comparison_policy, timings: dict, outpu
     """The end of a text run: evaluate, save the policy with save_pretrained, write and log everything."""
     import time
 
-    from .hf_models import save_policy
+    from dualign.models.hf import save_policy
 
     tic = time.perf_counter()
     evaluator = setup.evaluator or TextEvaluator(setup)
@@ -266,7 +266,7 @@ def finish_text_run(setup, policy, dual, comparison_policy, timings: dict, outpu
     comparison = {"multipliers": setup.one_shot.tolist(), "evaluation": evaluator.evaluate(comparison_policy)} \
         if comparison_policy is not None else None
     timings["evaluation"] = time.perf_counter() - tic
-    from . import distributed, timing
+    from dualign.util import distributed, timing
 
     timings["by stage"] = timing.breakdown()
 
@@ -289,7 +289,7 @@ def finish_text_run(setup, policy, dual, comparison_policy, timings: dict, outpu
     if dual.history:
         print("lambda per iteration: " + ", ".join(
             f"{h['iteration']}: " + "/".join(f"{v:.4f}" for v in h["multipliers"]) for h in dual.history))
-    from .report import time_lines
+    from dualign.tracking.report import time_lines
 
     print(time_lines(timings))
     print(f"policy saved to {saved} (save_pretrained; load with transformers/peft)")
@@ -302,11 +302,11 @@ def finish_text_run(setup, policy, dual, comparison_policy, timings: dict, outpu
 def evaluate_saved(raw_cfg) -> dict:
     """`python -m dualign.evaluate`: a saved policy or adapter (evaluation.policy_path) against pi_ref
     (model.name_or_path) on the test split, with the configured scorers and constraints."""
-    from .config import ConfigError, validate
-    from .hf_models import load_causal_lm, load_trained_policy, resolve_device
-    from .lifecycle import terminations
-    from .pipeline import Setup, _mlflow_logger, _quiet_libraries
-    from .text_task import TextTask, load_scorers
+    from dualign.config import ConfigError, validate
+    from dualign.models.hf import load_causal_lm, load_trained_policy, resolve_device
+    from dualign.run import Setup, _mlflow_logger, _quiet_libraries
+    from dualign.tasks.text import TextTask, load_scorers
+    from dualign.util.lifecycle import terminations
 
     cfg = validate(raw_cfg)
     if cfg.data.kind == "exact":
@@ -340,8 +340,8 @@ def main() -> None:
 
     import hydra
 
-    from .cli import config_dir
-    from .errors import InputError
+    from dualign.cli import config_dir
+    from dualign.errors import InputError
 
     def _main(cfg):
         try:

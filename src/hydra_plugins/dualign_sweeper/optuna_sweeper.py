@@ -1,6 +1,6 @@
 """Hydra discovers this module (the `hydra_plugins` namespace package) and registers `hydra/sweeper=optuna`.
 
-The implementation lives in dualign.optuna_sweep and is imported only when the sweeper is used, so every other
+The implementation lives in hydra_plugins.dualign_sweeper._optuna_impl and is imported only when the sweeper is used, so every other
 Hydra start stays fast.
 """
 from dataclasses import dataclass, field
@@ -31,7 +31,7 @@ class OptunaSweeperConf:
 
 class OptunaSweeper(Sweeper):
     def __init__(self, **kwargs: Any) -> None:
-        from dualign.optuna_sweep import OptunaSweeperImpl
+        from hydra_plugins.dualign_sweeper._optuna_impl import OptunaSweeperImpl
 
         self.sweeper = OptunaSweeperImpl(**kwargs)
 

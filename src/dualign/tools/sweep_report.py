@@ -1,7 +1,7 @@
 """Report on the runs of an MLflow experiment (a sweep): the reward-safety Pareto front, the lambda trajectories
 of the best feasible runs, and a markdown table.
 
-    python -m dualign.sweep_report --experiment sweep-caid-eta-beta [--tracking-uri sqlite:///outputs/mlflow.db] [--out DIR]
+    python -m dualign.tools.sweep_report --experiment sweep-caid-eta-beta [--tracking-uri sqlite:///outputs/mlflow.db] [--out DIR]
 """
 from __future__ import annotations
 

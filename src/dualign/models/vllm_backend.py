@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import LoadError
-from .rollout import Rollouts, ended_with
+from dualign.errors import LoadError
+from dualign.models.rollout import Rollouts, ended_with
 
 
 class VLLMGenerator:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .dpo import dpo_loss, dpo_metrics, preference_probability, response_logprobs
+from dualign.core.dpo import dpo_loss, dpo_metrics, preference_probability, response_logprobs
 
 
 class DPOStep:

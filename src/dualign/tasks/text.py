@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
-from .cache import cached_folder
-from .data import sequence_logprobs, tokenized
-from .hf_models import PromptFormatter, fingerprint, load_policy, load_tokenizer, reference_for
-from .module import autocast_dtype
-from .rollout import Rollouts, from_dataset, to_dataset
-from .scorers import Negated, build_scorer, score_all
-from .text_data import load_split
+from dualign.models.hf import PromptFormatter, fingerprint, load_policy, load_tokenizer, reference_for
+from dualign.models.rollout import Rollouts, from_dataset, to_dataset
+from dualign.models.scorers import Negated, build_scorer, score_all
+from dualign.tasks.text_data import load_split
+from dualign.training.data import sequence_logprobs, tokenized
+from dualign.training.module import autocast_dtype
+from dualign.util.cache import cached_folder
 
 log = logging.getLogger("dualign")
 
@@ -148,7 +148,7 @@ def reference_logps(setup, rollouts: Rollouts, prompt_ids, key: dict) -> torch.T
 
     def build(folder: Path) -> None:
         input_ids, attention_mask, response_mask = tokenized(prompt_ids, rollouts, task.tokenizer.pad_token_id)
-        from .timing import stage
+        from dualign.util.timing import stage
 
         with stage("reference log-probs"):
             values = sequence_logprobs(setup.reference, input_ids, attention_mask, response_mask,
@@ -166,14 +166,14 @@ def reference_logps(setup, rollouts: Rollouts, prompt_ids, key: dict) -> torch.T
 
 def build_text(setup) -> None:
     """Fill `setup` for a text task (see pipeline.build for the exact task)."""
-    from .pipeline import one_shot_multipliers
+    from dualign.run import one_shot_multipliers
 
     cfg = setup.cfg
     task = TextTask(cfg)
     setup.task = task
     P = len(task.prompts)
     if cfg.algorithm.dual_prompts > P:
-        from .config import ConfigError
+        from dualign.config import ConfigError
 
         raise ConfigError(f"algorithm.dual_prompts={cfg.algorithm.dual_prompts} exceeds the {P} training prompts")
     setup.policy = load_policy(cfg.model)

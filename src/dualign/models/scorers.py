@@ -160,7 +160,7 @@ class ModelScorer:
     def __init__(self, name: str, cfg: ScorerConfig):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from .hf_models import load_pretrained, resolve_device, resolve_dtype
+        from dualign.models.hf import load_pretrained, resolve_device, resolve_dtype
 
         self.name, self.cfg = name, cfg
         self.device = resolve_device(cfg.device)

@@ -16,7 +16,7 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from .errors import InputError
+from dualign.errors import InputError
 
 log = logging.getLogger("dualign")
 

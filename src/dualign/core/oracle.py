@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .duality import dual_terms, require_converged, solve_dual, tilted_log_weights
+from dualign.core.duality import dual_terms, require_converged, solve_dual, tilted_log_weights
 
 
 @dataclass

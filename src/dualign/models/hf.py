@@ -10,7 +10,7 @@ from typing import Any, Optional
 import torch
 from omegaconf import MISSING
 
-from .errors import LoadError
+from dualign.errors import LoadError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 

@@ -9,9 +9,8 @@ import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import FSDPStrategy
 
-from . import faults
-from .config import OptimizerConfig
-
+from dualign.config import OptimizerConfig
+from dualign.util import faults
 
 AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 

@@ -216,10 +216,10 @@ def _teacher_samples(task: ExactTask) -> torch.Tensor:
 def reference_policy(task: ExactTask, model_cfg: TinyModelConfig, cache_dir: str | os.PathLike) -> GPT2LMHeadModel:
     """pi_ref: the tiny model after SFT on teacher samples; trained once per (task, model) config and cached
     (atomically; an entry that does not load or whose outputs are not finite is retrained)."""
-    from .cache import cached_folder
+    from dualign.util.cache import cached_folder
 
     def build(folder: Path) -> None:
-        from .timing import stage
+        from dualign.util.timing import stage
 
         with stage("pi_ref SFT"):
             model = _sft_reference(task, model_cfg)
@@ -247,7 +247,7 @@ def _sft_reference(task: ExactTask, model_cfg: TinyModelConfig) -> GPT2LMHeadMod
     input_ids, response_mask = task.sequences(prompt_index, samples.reshape(-1))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(40_000 + cfg.seed)
-    from .dpo import response_logprobs
+    from dualign.core.dpo import response_logprobs
 
     model.train()
     for _ in tqdm(range(cfg.sft_steps), desc="SFT of pi_ref (exact task, cached afterwards)", leave=False):

@@ -6,7 +6,7 @@ responses so it writes words and stops), safe-rlhf `LlamaForScore` reward and co
 fixture labels so their scores mean something) and a 2-label sequence classifier. Everything loads through the same
 `from_pretrained` / `load_dataset` calls as hub names.
 
-    python -m dualign.fixtures tests/fixtures      # rewrite the committed fixtures
+    python -m dualign.tools.fixtures tests/fixtures      # rewrite the committed fixtures
 """
 from __future__ import annotations
 
@@ -155,7 +155,7 @@ def build_score_model(folder: Path, tokenizer, rows: list[dict], score_type: str
     Fitted like safe-rlhf's reward / cost training on `prompt + answer + EOS`: reward, the better response scores
     higher; cost, unsafe responses score > 0 and safe ones < 0. The statistics are those of the fitted end scores
     (safe-rlhf's RunningMeanStd over its training scores)."""
-    from .scorers import LlamaForScore
+    from dualign.models.scorers import LlamaForScore
 
     torch.manual_seed(seed)
     config = _llama_config(tokenizer, score_dim=1, score_bias=True, score_type=score_type, do_normalize=False,

@@ -8,8 +8,8 @@ import contextlib
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from . import distributed
-from .dpo import response_logprobs
+from dualign.core.dpo import response_logprobs
+from dualign.util import distributed
 
 
 class TensorBatches(Dataset):
@@ -119,7 +119,7 @@ def preference_pairs(
         raise ValueError("rollouts must hold an even number of responses per prompt to be paired")
     input_ids, attention_mask, response_mask = tokenized(prompt_ids, rollouts, pad_id)
     if ref_logps is None:
-        from .timing import stage
+        from dualign.util.timing import stage
 
         with stage("reference log-probs"):
             ref_logps = sequence_logprobs(reference, input_ids, attention_mask, response_mask, allowed_token_ids, batch_size,

@@ -6,7 +6,7 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 
-from . import faults
+from dualign.util import faults
 
 _totals: dict[str, float] = defaultdict(float)
 _stack: list[list] = []  # [name, start, time spent in nested stages]

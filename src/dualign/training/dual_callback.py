@@ -12,7 +12,7 @@ from typing import Callable, Protocol
 import lightning as L
 import torch
 
-from .duality import DUAL_STEPS
+from dualign.core.duality import DUAL_STEPS
 
 log = logging.getLogger("dualign")
 

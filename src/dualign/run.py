@@ -12,17 +12,19 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import checkpoints, distributed, lifecycle, report, timing
-from .config import ConfigError, TrainConfig, validate
-from .data import loader, preference_pairs, prompt_batches, tokenized
-from .dual_callback import DualUpdate
-from .duality import InfeasibleError, require_converged, solve_dual
-from .exact_task import ExactTask, ExactTaskConfig, reference_policy
-from .module import AlignmentModule, autocast_dtype
-from .oracle import ExactOracle, Instance
-from .policy_steps import DPOStep, ExactStep, PolicyGradientStep
-from .rollout import sample_responses
-from .scorers import score_all
+from dualign.config import ConfigError, TrainConfig, validate
+from dualign.core.duality import InfeasibleError, require_converged, solve_dual
+from dualign.core.oracle import ExactOracle, Instance
+from dualign.models.rollout import sample_responses
+from dualign.models.scorers import score_all
+from dualign.tasks.exact import ExactTask, ExactTaskConfig, reference_policy
+from dualign.tracking import report
+from dualign.training import checkpoints
+from dualign.training.data import loader, preference_pairs, prompt_batches, tokenized
+from dualign.training.dual_callback import DualUpdate
+from dualign.training.module import AlignmentModule, autocast_dtype
+from dualign.training.policy_steps import DPOStep, ExactStep, PolicyGradientStep
+from dualign.util import distributed, lifecycle, timing
 
 log = logging.getLogger("dualign")
 
@@ -76,7 +78,7 @@ class Setup:
         task, generation = self.task, self.cfg.generation
         if generation.backend == "vllm":
             if self.vllm is None:
-                from .vllm_backend import VLLMGenerator
+                from dualign.models.vllm_backend import VLLMGenerator
 
                 self.vllm = VLLMGenerator(self.cfg)
             return self.vllm.sample(model, self.reference, task.tokenizer, prompts, prompt_ids, samples,
@@ -93,7 +95,7 @@ class Setup:
         (text tasks: cached on disk under cache_key)."""
         ref_logps = None
         if cache_key is not None and not self.exact:
-            from .text_task import reference_logps
+            from dualign.tasks.text import reference_logps
 
             ref_logps = reference_logps(self, rollouts, self.task.prompt_token_ids, cache_key)
         return preference_pairs(self.task.prompt_token_ids, rollouts, scores, self.reference,
@@ -118,7 +120,7 @@ class Setup:
         if self.policy is not None:
             policy, self.policy = self.policy, None
             return policy
-        from .hf_models import load_policy
+        from dualign.models.hf import load_policy
 
         return load_policy(self.cfg.model)
 
@@ -126,13 +128,13 @@ class Setup:
 def build(cfg: TrainConfig) -> Setup:
     setup = Setup(cfg)
     if not isinstance(cfg.data, ExactTaskConfig):
-        from .text_task import build_text
+        from dualign.tasks.text import build_text
 
         build_text(setup)
         return setup
     task = ExactTask(cfg.data)
     reference = reference_policy(task, cfg.model, cfg.paths.cache_dir)
-    from .text_task import load_scorers
+    from dualign.tasks.text import load_scorers
 
     _, scorers = load_scorers(cfg, available=task.scorers())  # the tables, and any configured scorer beside them
     names = list(cfg.constraints)
@@ -210,7 +212,7 @@ def _exact_evaluator(setup: Setup):
 
 def _text_evaluator(setup: Setup):
     if setup.evaluator is None:
-        from .evaluate import TextEvaluator
+        from dualign.evaluate import TextEvaluator
 
         setup.evaluator = TextEvaluator(setup)
     return setup.evaluator
@@ -419,9 +421,8 @@ def _quiet_libraries() -> None:
     """Keep the console for progress bars and the final table."""
     import warnings
 
-    from transformers.utils import logging as hf_logging
-
     import datasets
+    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
@@ -481,7 +482,7 @@ def _run(cfg: TrainConfig, raw_cfg: DictConfig, output_dir: Path, ckpt_path: str
                                                            iterations * epochs, output_dir / "one_shot", None)
         timings["one_shot comparison training"] = time.perf_counter() - tic
     if not setup.exact:
-        from .evaluate import finish_text_run
+        from dualign.evaluate import finish_text_run
 
         return finish_text_run(setup, policy, dual, comparison_policy, timings, output_dir, logger, raw_cfg)
     if not distributed.is_main():  # rank 0 evaluates exactly and writes everything

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from .cache import file_sha256
-from .config import ConfigError, TrainConfig
+from dualign.config import ConfigError, TrainConfig
+from dualign.util.cache import file_sha256
 
 log = logging.getLogger("dualign")
 
