@@ -3,7 +3,7 @@ run's and the MLflow run's state after the signal and after the resume. About 6 
 
     python benchmarks/fault_matrix.py [--out docs/fault_matrix.md]
 
-Signals are sent by the run to itself at a chosen point (DUALIGN_FAULT, src/dualign/util/faults.py). The exact task with
+Signals are sent by the run to itself at a chosen point (DUALIGN_FAULT, read by `python -m dualign.tools.faults`). The exact task with
 2 CAID iterations of one epoch (8 optimiser steps each): the stages in order are pi_ref's SFT, its rollouts, the DPO
 epochs, each iteration's dual step (rollouts of the policy, then the exact evaluation), the final evaluation, and
 writing the run's files."""
@@ -36,7 +36,8 @@ def train(root: Path, run_dir: Path, store: str, *extra: str, fault: str | None 
     env = {k: v for k, v in os.environ.items() if k != "DUALIGN_FAULT"}
     if fault:
         env["DUALIGN_FAULT"] = fault
-    args = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", f"paths.cache_dir={cache or root / 'cache'}",
+    entry = ["-m", "dualign.tools.faults"] if fault else [str(ROOT / "train.py")]  # train.py with the fault hooks
+    args = [sys.executable, *entry, f"hydra.run.dir={run_dir}", f"paths.cache_dir={cache or root / 'cache'}",
             f"logger.tracking_uri={store}", *SMALL, *extra]
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
 

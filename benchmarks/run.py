@@ -285,7 +285,8 @@ def bench_dual() -> dict:
 def memory_worker(variant: str, folder: str) -> None:
     """Run in a fresh process: LoRA policy of the 50M model with its reference (adapter-disabled view, or a frozen
     copy); reference log-probs and 5 DPO steps; print peak resident memory."""
-    from dualign.models.hf import HFModelConfig, LoraSettings, load_causal_lm, load_policy, reference_for
+    from dualign.config.tasks import HFModelConfig, LoraSettings
+    from dualign.models.hf import load_causal_lm, load_policy, reference_for
     from dualign.models.rollout import Rollouts
     from dualign.training.data import preference_pairs
     from dualign.training.policy_steps import DPOStep
@@ -363,16 +364,17 @@ def bench_stages(quick: bool) -> dict:
     # side by side: the largest stage (DPO policy steps) before and after its optimisation, same pairs and model
     from hydra import compose, initialize_config_dir
 
+    from dualign import tasks
     from dualign.config import validate
-    from dualign.run import _quiet_libraries, build
+    from dualign.util.console import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"paths.output_dir={tempfile.mkdtemp()}",
                                                      f"paths.cache_dir={cache}", "logger.enabled=false",
                                                      f"logger.tracking_uri=sqlite:///{cache}/m.db",
                                                      f"paths.fixtures_dir={ROOT / 'tests' / 'fixtures'}"])
-    setup = build(validate(cfg))
+    setup = tasks.build(validate(cfg)).prepare()
     steps = 60 if quick else 300
     before = timed_dualign(copy.deepcopy(setup.reference).train(), setup.pairs, 64, steps, 10, legacy=True)
     after = timed_dualign(copy.deepcopy(setup.reference).train(), setup.pairs, 64, steps, 10)
@@ -510,9 +512,9 @@ def main() -> None:
         print(write(json.loads(Path(args.out).with_suffix(".json").read_text()), Path(args.out)))
         return
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    from dualign.run import _quiet_libraries
+    from dualign.util.console import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     results = {"machine": machine(), "peak_flops": matmul_peak()}
     if "dpo" in args.only:
         results["dpo"] = bench_dpo(args.quick, results["peak_flops"])

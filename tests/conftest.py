@@ -5,6 +5,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
+import dualign.config  # noqa: F401  (registers the dataclass defaults that conf/ builds on)
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 

@@ -7,7 +7,9 @@ import torch
 
 from dualign.config import validate
 from dualign.core.duality import log_space_dual_step, projected_dual_step
-from dualign.run import PairData, build, run
+from dualign import tasks
+from dualign.run import run
+from dualign.training.fit import PairData
 
 
 def test_log_space_step_follows_safe_rlhf():
@@ -40,8 +42,8 @@ def test_primal_dual_updates_every_k_steps_with_the_configured_rule(make_cfg, tm
 
 
 def test_online_pairs_come_from_the_current_policy_with_reference_log_probs(make_cfg):
-    setup = build(validate(make_cfg("policy_step.pairs_from=policy")))
-    task = setup.task
+    setup = tasks.build(validate(make_cfg("policy_step.pairs_from=policy"))).prepare()
+    task = setup.task.problem
     # a policy that always answers t0 t0 t0: pi_ref with +100 on t0's logit
     policy = type(setup.reference)(setup.reference.config)
     policy.load_state_dict(setup.reference.state_dict())
@@ -65,5 +67,5 @@ def test_safety_only_run_has_no_constraint_and_raises_the_utility(make_cfg, tmp_
     run(make_cfg("algorithm=fixed_lambda", "constraints=none", "reward.scorer=utility_0", "algorithm.iterations=1"))
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["constraints"] == [] and summary["final_multipliers"] == []
-    assert summary["final_scores"]["utility_0"]["improvement"] > 0.05  # DPO_s optimises the utility itself
-    assert summary["final_scores"]["reward"]["improvement"] < 0  # ... at helpfulness' expense (negatively correlated)
+    assert summary["final"]["scores"]["utility_0"]["improvement"] > 0.05  # DPO_s optimises the utility itself
+    assert summary["final"]["scores"]["reward"]["improvement"] < 0  # ... at helpfulness' expense (negatively correlated)

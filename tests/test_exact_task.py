@@ -4,7 +4,8 @@ import torch
 
 from dualign.core.oracle import ExactOracle, Instance
 from dualign.models.rollout import sample_responses
-from dualign.tasks.exact import ExactTask, ExactTaskConfig, TinyModelConfig, reference_policy, tiny_gpt2
+from dualign.config import ExactTaskConfig, TinyModelConfig
+from dualign.tasks.exact_problem import ExactProblem, reference_policy, tiny_gpt2
 from dualign.training.data import sequence_logprobs
 
 SMALL = ExactTaskConfig(num_prompts=4, num_response_tokens=4, response_length=3, sft_steps=60, sft_samples_per_prompt=64)
@@ -12,7 +13,7 @@ SMALL = ExactTaskConfig(num_prompts=4, num_response_tokens=4, response_length=3,
 
 @pytest.fixture(scope="module")
 def task():
-    return ExactTask(SMALL)
+    return ExactProblem(SMALL)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +74,7 @@ def test_reference_is_far_from_uniform(task, reference):
 
 
 def test_utilities_trade_off_against_reward():
-    task = ExactTask(ExactTaskConfig())  # the default task: tables only, no SFT
+    task = ExactProblem(ExactTaskConfig())  # the default task: tables only, no SFT
     for table in task.utility_tables:
         correlation = torch.corrcoef(torch.stack([task.reward_table.reshape(-1), table.reshape(-1)]))[0, 1]
         assert correlation < -0.3

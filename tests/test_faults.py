@@ -10,12 +10,13 @@ from conftest import ROOT
 
 from dualign.config import OptimizerConfig
 from dualign.models.scorers import CallableScorer, ScorerConfig, score_all
-from dualign.tasks.exact import ExactTask, ExactTaskConfig, TinyModelConfig, reference_policy
+from dualign.config import ExactTaskConfig, TinyModelConfig
+from dualign.tasks.exact_problem import ExactProblem, reference_policy
 from dualign.training.module import AlignmentModule
 
 
 def test_truncated_reference_cache_is_rebuilt_not_used(tmp_path, caplog):
-    task = ExactTask(ExactTaskConfig(num_prompts=2, sft_steps=3, sft_samples_per_prompt=8, sft_batch_size=8))
+    task = ExactProblem(ExactTaskConfig(num_prompts=2, sft_steps=3, sft_samples_per_prompt=8, sft_batch_size=8))
     model = reference_policy(task, TinyModelConfig(n_layer=1, n_embd=16, n_head=2), tmp_path)
     original = {k: v.clone() for k, v in model.state_dict().items()}  # the loaded weights are mmapped from the file
     del model
@@ -72,7 +73,7 @@ def test_unwritable_output_folder_fails_before_building(tmp_path):
 
 
 def test_a_flipped_bit_in_cached_weights_is_found_and_the_entry_rebuilt(tmp_path, caplog):
-    task = ExactTask(ExactTaskConfig(num_prompts=2, sft_steps=3, sft_samples_per_prompt=8, sft_batch_size=8))
+    task = ExactProblem(ExactTaskConfig(num_prompts=2, sft_steps=3, sft_samples_per_prompt=8, sft_batch_size=8))
     model = reference_policy(task, TinyModelConfig(n_layer=1, n_embd=16, n_head=2), tmp_path)
     original = {k: v.clone() for k, v in model.state_dict().items()}
     del model
@@ -115,7 +116,8 @@ def test_cache_keys_follow_the_data_and_the_scorer_code_not_their_paths(tmp_path
     from hydra.core.global_hydra import GlobalHydra
 
     from dualign.config import validate
-    from dualign.tasks.text import TextTask, scorer_key
+    from dualign.tasks.text import TextTask
+    from dualign.tasks.text_cache import scorer_key
 
     data = tmp_path / "pku"
     shutil.copytree(ROOT / "tests" / "fixtures" / "pku_saferlhf", data)
@@ -153,7 +155,7 @@ def test_a_tracking_file_that_is_not_a_database_is_a_one_line_error(tmp_path):
 
 
 def test_tracking_trouble_is_retried_then_stops_tracking_without_failing_the_run(tmp_path, caplog):
-    from dualign.util.lifecycle import JobLogger
+    from dualign.tracking.mlflow import JobLogger
 
     logger = JobLogger(experiment_name="x", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
     logger.RETRIES = (0.0, 0.0, 0.0)

@@ -88,9 +88,9 @@ def _paths(tmp_path, cache_dir):
 def _flat(cfg) -> dict:
     from omegaconf import OmegaConf
 
-    from dualign.tracking.report import flatten
+    from dualign.util.metrics import flatten_params
 
-    return flatten(OmegaConf.to_container(cfg, resolve=False))
+    return flatten_params(OmegaConf.to_container(cfg, resolve=False))
 
 
 def _optimiser_steps(run_dir) -> int:
@@ -186,13 +186,14 @@ def test_under_bf16_mixed_the_dpo_log_ratios_start_at_zero(task, tmp_path, cache
     must be computed under the same precision, or the DPO rewards start off zero (bf16 rounding summed over tokens)."""
     from lightning.pytorch.plugins.precision import MixedPrecision
 
-    from dualign import run as pipeline
+    from dualign import tasks
+    from dualign.training.fit import POLICY_STEPS
 
     chosen = EXACT_SIZES if task == "exact" else ["experiment=pku_safety_tiny"]
     cfg = validate(_compose(*chosen, "trainer.precision=bf16-mixed", *_paths(tmp_path, cache_dir)))
-    setup = pipeline.build(cfg)
-    policy = setup.new_policy()
-    step, _ = pipeline._policy_step_and_data(setup, 1)
+    setup = tasks.build(cfg).prepare()
+    policy = setup.task.new_policy(setup)
+    step, _ = POLICY_STEPS[cfg.policy_step.name](setup, 1)
     batch = setup.pairs.__getitems__(list(range(len(setup.pairs))))
     with torch.no_grad(), MixedPrecision("bf16-mixed", "cpu").forward_context():
         _, metrics = step(policy, batch, setup.one_shot, 0)

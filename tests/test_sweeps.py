@@ -203,7 +203,8 @@ def test_two_workers_share_one_study_and_a_dead_workers_trial_is_asked_again(tmp
                                "data.sft_steps=40", "reference.samples_per_prompt=64"], cwd=tmp_path, env=env,
                    capture_output=True, timeout=300)  # pi_ref's SFT cached first, so both workers start on trials
     survivor = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    doomed = subprocess.Popen(args, cwd=tmp_path, env={**env, "DUALIGN_FAULT": "stage=writing:SIGKILL"},
+    faulty = [args[0], "-m", "dualign.tools.faults", *args[2:]]  # train.py with the fault hooks installed
+    doomed = subprocess.Popen(faulty, cwd=tmp_path, env={**env, "DUALIGN_FAULT": "stage=writing:SIGKILL"},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _, doomed_err = doomed.communicate(timeout=600)
     out, err = survivor.communicate(timeout=600)

@@ -2,7 +2,7 @@
 the uninterrupted lambda; the MLflow run ends with the job (FINISHED, FAILED with the error, KILLED), never before its
 files are written; runs started together never share a folder; a refused config leaves no folder.
 
-Signals are sent by the process to itself at a chosen point (`DUALIGN_FAULT`, src/dualign/util/faults.py)."""
+Signals are sent by the process to itself at a chosen point (`DUALIGN_FAULT` read by `python -m dualign.tools.faults`, train.py with the fault hooks installed)."""
 import json
 import logging
 import os
@@ -33,7 +33,8 @@ def _train(root, run_dir, store, *overrides, fault=None):
     env = {k: v for k, v in os.environ.items() if k != "DUALIGN_FAULT"}
     if fault:
         env["DUALIGN_FAULT"] = fault
-    args = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", f"paths.cache_dir={root / 'cache'}",
+    entry = ["-m", "dualign.tools.faults"] if fault else [str(ROOT / "train.py")]  # the fault hook: tests' own entry point
+    args = [sys.executable, *entry, f"hydra.run.dir={run_dir}", f"paths.cache_dir={root / 'cache'}",
             f"logger.tracking_uri={store}", *SMALL, *overrides]
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
 

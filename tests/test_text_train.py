@@ -42,12 +42,12 @@ def test_pku_safety_tiny_end_to_end_and_evaluate_command(tmp_path, cache_dir):
     result = _cli(["train.py"], tmp_path, cache_dir, f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert len(summary["trajectory"]) == 3 and summary["one_shot"]["evaluation"]
-    evaluation = summary["evaluation"]
+    assert len(summary["trajectory"]) == 3 and summary["one_shot"]["final"]
+    evaluation = summary["final"]
     assert evaluation["prompts"] == 16 and evaluation["samples_per_prompt"] == 8
     safety = evaluation["scores"]["safety"]
     assert safety["improvement_ci"] > 0 and 0 <= safety["win_rate"] <= 1
-    for name in ("eval_score_histograms.png", "eval_improvement_vs_threshold.png", "dual_trajectory.png", "samples.jsonl"):
+    for name in ("score_histograms.png", "improvement_vs_threshold.png", "dual_trajectory.png", "samples.jsonl"):
         assert (run_dir / name).stat().st_size > 0
 
     from peft import AutoPeftModelForCausalLM  # the saved adapter loads with plain peft
@@ -62,7 +62,7 @@ def test_pku_safety_tiny_end_to_end_and_evaluate_command(tmp_path, cache_dir):
     assert len(client.get_metric_history(mlflow_run.info.run_id, "eval/improvement_safety")) == 3  # every iteration
     assert len(client.get_metric_history(mlflow_run.info.run_id, "dual/lambda_safety")) == 4
     artifacts = {a.path for a in client.list_artifacts(mlflow_run.info.run_id)}
-    assert {"eval_improvement_vs_threshold.png", "eval_score_histograms.png", "eval_samples.json"} <= artifacts
+    assert {"improvement_vs_threshold.png", "score_histograms.png", "samples.json"} <= artifacts
 
     rollout_caches = sorted((cache_dir / "rollouts").iterdir())
     stamps = [(p / "key.json").stat().st_mtime_ns for p in rollout_caches]
@@ -70,7 +70,7 @@ def test_pku_safety_tiny_end_to_end_and_evaluate_command(tmp_path, cache_dir):
     result = _cli(["-m", "dualign.evaluate"], tmp_path, cache_dir, f"hydra.run.dir={evaluated}",
                   f"evaluation.policy_path={run_dir / 'policy'}")
     assert result.returncode == 0, result.stderr[-3000:]
-    again = json.loads((evaluated / "summary.json").read_text())["evaluation"]
+    again = json.loads((evaluated / "summary.json").read_text())["final"]
     for label in ("reward", "safety"):
         assert again["scores"][label]["improvement"] == pytest.approx(evaluation["scores"][label]["improvement"], abs=1e-4)
     assert again["kl"] == pytest.approx(evaluation["kl"], abs=1e-3)

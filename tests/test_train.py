@@ -18,7 +18,7 @@ def test_caid_moves_lambda_the_right_way_and_closes_the_slack(make_cfg, tmp_path
     objective = run(cfg)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     lambdas = [summary["initial_multipliers"][0]] + [h["multipliers"][0] for h in summary["trajectory"]]
-    shortfall = [summary["threshold"][0] - h["exact"]["improvement"][0] for h in summary["trajectory"]]
+    shortfall = [summary["threshold"][0] - h["evaluation"]["improvement"][0] for h in summary["trajectory"]]
     assert lambdas[0] == 0 and lambdas[1] > 0 and lambdas[-1] > lambdas[1]
     assert shortfall[0] > 0 and abs(shortfall[-1]) < shortfall[0]
     assert objective["objective"] == summary["final"]["objective"]
@@ -29,7 +29,7 @@ def test_caid_moves_lambda_the_right_way_and_closes_the_slack(make_cfg, tmp_path
     P, N = instance["ref_logprob"].shape
     assert (P, N) == (16, 512) and instance["utility"].shape == (1, P, N) and instance["threshold"].shape == (1,)
     assert np.load(tmp_path / "run" / "policy_final.npz")["logprob"].shape == (P, N)
-    for key in ("optimal_multipliers", "optimal_value", "final_multipliers", "final", "gaps"):
+    for key in ("optimum", "final_multipliers", "final", "gaps"):
         assert key in summary
 
     # MLflow: params, per-iteration lambda from step 0, per-step DPO metrics, artifacts
@@ -93,16 +93,19 @@ def test_cli_runs_the_fast_debug_config(tmp_path):
 
 
 def test_absolute_threshold_is_a_level_of_the_utility(make_cfg):
+    from dualign import tasks
     from dualign.config import validate
-    from dualign.run import build
+
+    def build(cfg):
+        return tasks.build(cfg).prepare()
 
     relative = build(validate(make_cfg("constraints.safety.threshold=0.4")))
     level = relative.reference_mean[0].item() + 0.4
     absolute = build(validate(make_cfg("constraints.safety.threshold_type=absolute", f"constraints.safety.threshold={level}")))
     assert abs(absolute.threshold[0].item() - 0.4) < 1e-5
     # the exact instance measures b against the exact E_ref[g]
-    exact_level = absolute.oracle.instance.reference_mean[0].item()
-    assert abs(absolute.oracle.instance.threshold[0].item() - (level - exact_level)) < 1e-6
+    exact_level = absolute.enumeration.oracle.instance.reference_mean[0].item()
+    assert abs(absolute.enumeration.oracle.instance.threshold[0].item() - (level - exact_level)) < 1e-6
 
 
 def test_callable_scorer_beside_the_exact_tables(make_cfg):

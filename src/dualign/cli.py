@@ -1,4 +1,5 @@
-"""The `dualign-train` console script and `python train.py`: one Hydra entry point."""
+"""The command lines: `python train.py` / `dualign-train` (the training job) and `dualign-evaluate`, one Hydra entry
+point each, with one-line input errors (exit 2) and resumable stops (exit 128 + signal)."""
 from __future__ import annotations
 
 import os
@@ -7,11 +8,15 @@ import secrets
 import shutil
 import sys
 from pathlib import Path
+from typing import Callable
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from dualign.errors import InputError
+from dualign.run import run
 from dualign.util.lifecycle import Terminated
 
 # ${uid:} in run folder names: runs started in the same second never share a folder. Cached, so a process resolves
@@ -31,14 +36,9 @@ def config_dir() -> str:
     sys.exit("dualign: no config folder found (set DUALIGN_CONFIG_DIR to a folder holding train.yaml)")
 
 
-def _main(cfg: DictConfig) -> dict:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    from dualign.run import run
-
+def _guarded(job: Callable[[DictConfig], dict], cfg: DictConfig) -> dict:
     try:
-        return run(cfg)
+        return job(cfg)
     except InputError as error:  # bad config, data or model files: one line, no traceback
         print(f"dualign: {error.kind} error: {error}", file=sys.stderr)
         _remove_if_only_hydra(Path(HydraConfig.get().runtime.output_dir))
@@ -57,5 +57,9 @@ def _remove_if_only_hydra(folder: Path) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def hydra_entry(job: Callable[[DictConfig], dict]) -> None:
+    hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")(lambda cfg: _guarded(job, cfg))()
+
+
 def main() -> None:
-    hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")(_main)()
+    hydra_entry(run)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dualign.core.duality import composite_reward
+
 
 def response_logprobs(
     logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor, allowed_token_ids: torch.Tensor | None = None
@@ -36,7 +38,7 @@ def preference_probability(
 
     reward [B, 2] and utility [B, m, 2] hold the scores of (y0, y1).
     """
-    composite = reward + torch.einsum("m,bmk->bk", multipliers.to(utility), utility)
+    composite = composite_reward(reward, utility.movedim(1, 0), multipliers)  # utility [B, m, 2] -> [m, B, 2]
     return torch.sigmoid(composite[:, 1] - composite[:, 0])
 
 

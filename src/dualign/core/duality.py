@@ -31,7 +31,7 @@ def composite_reward(reward: torch.Tensor, utility: torch.Tensor, multipliers: t
 
 
 def _tilted_logits(reward, slack, multipliers, beta, log_base):
-    logits = (reward + torch.einsum("m,m...->...", multipliers.to(slack), slack)) / beta
+    logits = composite_reward(reward, slack, multipliers) / beta
     if log_base is None:
         return logits - math.log(reward.shape[-1])
     return logits + log_base

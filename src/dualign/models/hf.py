@@ -3,43 +3,14 @@ policy (the same network with adapters disabled, or a frozen copy), prompt token
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
 
 import torch
-from omegaconf import MISSING
 
+from dualign.config.tasks import HFModelConfig
 from dualign.errors import LoadError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
-
-
-@dataclass
-class LoraSettings:
-    enabled: bool = True
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
-    target_modules: Any = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])  # or "all-linear"
-
-
-@dataclass
-class HFModelConfig:
-    kind: str = "hf"
-    name_or_path: str = MISSING  # hub name or local folder
-    revision: Optional[str] = None
-    tokenizer: Optional[str] = None  # default: name_or_path
-    dtype: str = "auto"  # float32 | bfloat16 | float16 | auto (the checkpoint's)
-    device: str = "auto"  # where pi_ref works before training (rollouts, reference log-probs); Lightning places the policy
-    trust_remote_code: bool = False  # off unless you trust the checkpoint's code
-    gradient_checkpointing: bool = False
-    disable_dropout: bool = True  # as TRL: dropout makes the policy and reference log-probs disagree at init
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    prompt_template: str = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"  # used when no chat template applies
-    use_chat_template: str = "auto"  # auto: when the tokenizer has one | always | never
-    max_prompt_length: int = 256  # prompts are cut from the left (the question is at the end)
-    max_length: int = 512  # prompt + response tokens
 
 
 def resolve_device(device: str) -> torch.device:

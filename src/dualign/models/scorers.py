@@ -8,14 +8,13 @@ A utility that is the negation of a score (safety = minus cost) is `Negated(scor
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol, Sequence
+from typing import Optional, Protocol, Sequence
 
 import torch
 from transformers import LlamaModel, LlamaPreTrainedModel
 
-SCORER_KINDS = ("sequence_classifier", "score_model", "callable")
-EOS_RULES = ("finished", "always", "never")
+from dualign.config.schema import ScorerConfig
+from dualign.models.hf import load_pretrained, resolve_device, resolve_dtype
 
 
 class Scorer(Protocol):
@@ -26,28 +25,6 @@ class Scorer(Protocol):
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str],
                  finished: Optional[Sequence[bool]] = None) -> torch.Tensor: ...
-
-
-@dataclass
-class ScorerConfig:
-    kind: str = "sequence_classifier"  # sequence_classifier | score_model | callable
-    name_or_path: Optional[str] = None  # hub name or local folder (model scorers)
-    revision: Optional[str] = None
-    _target_: Optional[str] = None  # callable: dotted path of a function or class; extra keys go in kwargs
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    template: str = "{prompt}{response}"  # how this scorer wants to read a (prompt, response) pair
-    label: Optional[str] = None  # several labels (classifier) or score_dim > 1 (score_model): the name or index to read
-    output: str = "logit"  # sequence_classifier: logit | probability (softmax over labels)
-    normalize: bool = True  # score_model: apply the checkpoint's do_normalize / mean / var as safe-rlhf does
-    # EOS after the response, in the scorer's own tokenizer: finished (after responses that ended with EOS, as safe-rlhf
-    # scores generated ids; a response cut at max_new_tokens ends on its last token) | always | never.
-    # None: finished for score_model (safe-rlhf trains on prompt + answer + EOS), never for sequence_classifier
-    append_eos: Optional[str] = None
-    device: str = "auto"  # auto: cuda when there is one, else cpu
-    dtype: str = "float32"  # float32 | bfloat16 | float16
-    batch_size: int = 16
-    max_length: int = 512
-    trust_remote_code: bool = False
 
 
 class Negated:
@@ -160,8 +137,6 @@ class ModelScorer:
     def __init__(self, name: str, cfg: ScorerConfig):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from dualign.models.hf import load_pretrained, resolve_device, resolve_dtype
-
         self.name, self.cfg = name, cfg
         self.device = resolve_device(cfg.device)
         self.tokenizer = load_pretrained(AutoTokenizer, cfg.name_or_path, f"scorers.{name}", revision=cfg.revision,
@@ -268,3 +243,28 @@ def build_scorer(name: str, cfg: ScorerConfig) -> Scorer:
 def response_length(prompts: Sequence[str], responses: Sequence[str], unit: str = "words") -> list[float]:
     """A ready callable scorer: response length in words or characters (for verbosity constraints)."""
     return [float(len(r.split()) if unit == "words" else len(r)) for r in responses]
+
+
+class ScorerSet:
+    """The scorers a run uses, each loaded once, and the one place a constraint's negation is applied: `raw` by name
+    (as the scorers and the caches see them), `assembled` [reward, utility_1, ...] (a utility being the scorer or
+    its negation). `available`: scorers the task has already (the exact task's tables)."""
+
+    def __init__(self, cfg, available: dict | None = None):
+        available = dict(available or {})
+        self.reward_name = cfg.reward.scorer
+        self.constraints = [(c.scorer, c.negate) for c in cfg.constraints.values()]
+        used = [self.reward_name] + [name for name, _ in self.constraints]
+        self.raw = {name: available[name] if name in available else build_scorer(name, cfg.scorers[name])
+                    for name in dict.fromkeys(used)}
+        self.assembled = [self.raw[self.reward_name]] + [Negated(self.raw[name]) if negate else self.raw[name]
+                                                         for name, negate in self.constraints]
+
+    def assemble(self, raw_scores: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[1 + m, n]: the reward, then every constraint's utility, from raw scorer outputs by name."""
+        rows = [raw_scores[self.reward_name]]
+        rows += [-raw_scores[name] if negate else raw_scores[name] for name, negate in self.constraints]
+        return torch.stack(rows)
+
+    def __call__(self, prompts, responses, finished=None) -> torch.Tensor:
+        return score_all(self.assembled, prompts, responses, finished)

@@ -1,260 +1,117 @@
-"""The exact task: a constrained alignment problem small enough to enumerate every response.
-
-P prompts "p0".."p{P-1}", responses of exactly L tokens over a K-token alphabet "t0".."t{K-1}" (N = K**L per prompt).
-Reward and utilities are seeded tables with per-position and pairwise terms; every utility is negatively correlated
-with the reward so that constraints bind. pi_ref is a tiny GPT-2 after a short SFT on samples from a seeded,
-prompt-dependent teacher, cached on disk. Log-probabilities of all P x N responses under any policy come from one
-forward pass over the P x K**(L-1) response prefixes (each prefix holds the conditionals of K responses).
-"""
+"""The exact task as a run sees it: pi_ref (a tiny GPT-2 after SFT, cached), the seeded tables as scorers, pi_ref's
+rollouts, and the enumerated instance whose optimum is known exactly (tasks/exact_problem.py builds the problem).
+Every policy is evaluated exactly, by enumerating all responses of all prompts."""
 from __future__ import annotations
 
-import os
-from dataclasses import asdict, dataclass
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
-from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, DynamicCache, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-
-@dataclass
-class ExactTaskConfig:
-    kind: str = "exact"
-    num_prompts: int = 16
-    num_response_tokens: int = 8
-    response_length: int = 3
-    num_utilities: int = 2  # tables utility_0 .. utility_{n-1}; constraints pick among them
-    utility_correlation: float = -0.5  # correlation of every utility with the reward (negative: constraints bind)
-    pairwise_scale: float = 0.5  # weight of the pairwise (y_s, y_t) terms against the per-position ones
-    teacher_sharpness: float = 1.5  # std of the teacher's logits: higher makes pi_ref further from uniform
-    seed: int = 0
-    sft_samples_per_prompt: int = 256
-    sft_steps: int = 300
-    sft_lr: float = 3.0e-3
-    sft_batch_size: int = 512
-
-
-@dataclass
-class TinyModelConfig:
-    kind: str = "tiny_gpt2"
-    n_layer: int = 2
-    n_embd: int = 64
-    n_head: int = 4
-
-
-def build_tokenizer(num_prompts: int, num_response_tokens: int) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer built in code: special tokens, prompt words and the response alphabet."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    words = ["<pad>", "<bos>", "<eos>", "<unk>"] + [f"p{i}" for i in range(num_prompts)]
-    words += [f"t{k}" for k in range(num_response_tokens)]
-    core = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
-    )
-
-
-class TableScorer:
-    """A scorer backed by a [P, N] table over the exact task's prompts and enumerated responses."""
-
-    def __init__(self, name: str, table: torch.Tensor, task: "ExactTask"):
-        self.name, self.table, self.task = name, table, task
-
-    def __call__(self, prompts, responses, finished=None):  # every enumerated response has its full length
-        return self.table[self.task.prompt_indices(prompts), self.task.response_indices(responses)]
-
-
-def _seeded_tables(cfg: ExactTaskConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reward [P, N] and utilities [U, P, N]: standardised sums of per-position and pairwise terms."""
-    P, K, L = cfg.num_prompts, cfg.num_response_tokens, cfg.response_length
-    generator = torch.Generator().manual_seed(10_000 + cfg.seed)
-    tokens = _enumerate_tokens(K, L)  # [N, L]
-
-    def random_table():
-        unary = torch.randn(P, L, K, generator=generator)
-        pairwise = torch.randn(P, L, L, K, K, generator=generator) * cfg.pairwise_scale
-        table = sum(unary[:, t, tokens[:, t]] for t in range(L))
-        for s in range(L):
-            for t in range(s + 1, L):
-                table = table + pairwise[:, s, t, tokens[:, s], tokens[:, t]]
-        return (table - table.mean()) / table.std()
-
-    reward = random_table()
-    rho = cfg.utility_correlation
-    utilities = torch.stack(
-        [rho * reward + (1 - rho**2) ** 0.5 * random_table() for _ in range(cfg.num_utilities)]
-    ) if cfg.num_utilities else torch.empty(0, P, K**L)
-    return reward, utilities
-
-
-def _enumerate_tokens(K: int, L: int) -> torch.Tensor:
-    """All K**L responses as alphabet indices [N, L], response n = base-K digits of n (first token most significant)."""
-    n = torch.arange(K**L)
-    return torch.stack([(n // K ** (L - 1 - t)) % K for t in range(L)], dim=1)
+from dualign.core.oracle import ExactOracle, Instance
+from dualign.models.sampling import Sampler
+from dualign.models.scorers import ScorerSet
+from dualign.tasks.base import reference_statistics, thresholds
+from dualign.tasks.exact_problem import ExactProblem, reference_policy
+from dualign.training.context import Enumeration, RunContext
+from dualign.training.data import preference_pairs
+from dualign.training.module import autocast_dtype
+from dualign.util import timing
 
 
 class ExactTask:
-    def __init__(self, cfg: ExactTaskConfig):
+    description = "the exact task"
+    evaluates_every_iteration = True  # enumeration takes milliseconds
+
+    def __init__(self, cfg):
         self.cfg = cfg
-        P, K, L = cfg.num_prompts, cfg.num_response_tokens, cfg.response_length
-        self.tokenizer = build_tokenizer(P, K)
-        self.prompts = [f"p{i}" for i in range(P)]
-        self.alphabet = [f"t{k}" for k in range(K)]
-        self.response_tokens = _enumerate_tokens(K, L)  # [N, L] alphabet indices
-        self.responses = [" ".join(self.alphabet[k] for k in row) for row in self.response_tokens.tolist()]
-        self.allowed_token_ids = torch.tensor(self.tokenizer.convert_tokens_to_ids(self.alphabet))
-        bos = self.tokenizer.bos_token_id
-        self.prompt_token_ids = [[bos, i] for i in self.tokenizer.convert_tokens_to_ids(self.prompts)]
-        self.reward_table, self.utility_tables = _seeded_tables(cfg)
-        self._prompt_lookup = {p: i for i, p in enumerate(self.prompts)}
-        self._token_lookup = {t: k for k, t in enumerate(self.alphabet)}
+        self.problem = ExactProblem(cfg.data)
+        self.prompts, self.prompt_token_ids = self.problem.prompts, self.problem.prompt_token_ids
+        self.tokenizer, self.allowed_token_ids = self.problem.tokenizer, self.problem.allowed_token_ids
+        self.max_new_tokens = self.min_new_tokens = cfg.data.response_length  # every response has this length
 
-    @property
-    def max_new_tokens(self) -> int:  # every response has exactly response_length tokens
-        return self.cfg.response_length
+    def prepare(self) -> RunContext:
+        cfg, problem = self.cfg, self.problem
+        reference = reference_policy(problem, cfg.model, cfg.paths.cache_dir)
+        scorers = ScorerSet(cfg, available=problem.scorers())  # the tables, and any configured scorer beside them
+        sampler = Sampler(cfg.generation, self.tokenizer, self.max_new_tokens, self.min_new_tokens,
+                          self.allowed_token_ids, scorers)
+        P, samples = len(self.prompts), cfg.reference.samples_per_prompt
+        # pi_ref rollouts: DPO pairs, E_ref[g] and the one-shot plug-in dual all come from these samples
+        rollouts, scores = sampler.sample(reference, self, range(P), samples, seed=cfg.seed)
+        reference_mean, threshold, one_shot = reference_statistics(cfg, scores, P, samples)
+        context = RunContext(cfg, self, reference, scorers, sampler, tuple(range(P)), reference_mean, threshold,
+                             one_shot, pairs=None)
+        pairs = self.pairs(context, rollouts, scores) if cfg.policy_step.name == "dpo" else None
+        return replace(context, pairs=pairs, enumeration=Enumeration(problem.enumerate_logprobs,
+                                                                     self._oracle(reference, scorers)))
 
-    min_new_tokens = max_new_tokens
-
-    @property
-    def num_responses(self) -> int:
-        return len(self.responses)
-
-    def scorers(self) -> dict[str, TableScorer]:
-        named = {"reward": TableScorer("reward", self.reward_table, self)}
-        for i, table in enumerate(self.utility_tables):
-            named[f"utility_{i}"] = TableScorer(f"utility_{i}", table, self)
-        return named
-
-    def prompt_indices(self, prompts) -> torch.Tensor:
-        try:
-            return torch.tensor([self._prompt_lookup[p] for p in prompts])
-        except KeyError as missing:
-            raise ValueError(f"prompt {missing} is not one of the exact task's prompts") from None
-
-    def response_indices(self, responses) -> torch.Tensor:
-        K, L = self.cfg.num_response_tokens, self.cfg.response_length
-        index = []
-        for text in responses:
-            words = text.split()
-            if len(words) != L or any(w not in self._token_lookup for w in words):
-                raise ValueError(f"response {text!r} is not {L} tokens of the exact task's alphabet")
-            value = 0
-            for w in words:
-                value = value * K + self._token_lookup[w]
-            index.append(value)
-        return torch.tensor(index)
-
-    def sequences(self, prompt_index: torch.Tensor, response_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids [B, 2 + L] of (prompt, response) pairs and their response masks."""
-        prompt = torch.tensor(self.prompt_token_ids)[prompt_index]
-        response = self.allowed_token_ids[self.response_tokens[response_index]]
-        input_ids = torch.cat([prompt, response], dim=1)
-        mask = torch.zeros_like(input_ids)
-        mask[:, prompt.shape[1] :] = 1
-        return input_ids, mask
-
-    def enumerate_logprobs(self, model, prompt_index: torch.Tensor | None = None) -> torch.Tensor:
-        """Exact log pi(y|x) for every response, [len(prompt_index), N], differentiable.
-
-        Walks the response tree with the KV cache: the prompts once, then every prefix of length t branches into
-        its K children. Each tree node is computed once: P * (Lp + K + ... + K**(L-1)) tokens in all, against
-        P * N * (Lp + L) for a forward pass over every full sequence.
-        """
-        K, L = self.cfg.num_response_tokens, self.cfg.response_length
-        if prompt_index is None:
-            prompt_index = torch.arange(self.cfg.num_prompts)
-        device = next(model.parameters()).device
-        allowed = self.allowed_token_ids.to(device)
-        prompt = torch.tensor(self.prompt_token_ids)[prompt_index].to(device)  # [B, Lp]
-        # the cache goes in positionally: transformers 4.x names it past_key_values, 5.x cache; the model fills it
-        cache = DynamicCache(config=model.config)
-        logits = model(prompt, cache, use_cache=True).logits
-        levels = [logits[:, -1, allowed].float().log_softmax(-1)]  # [B * K**t, K] for t = 0 .. L-1
-        for _ in range(1, L):
-            cache.batch_repeat_interleave(K)  # every prefix branches into its K continuations
-            children = allowed.repeat(levels[-1].shape[0]).unsqueeze(1)
-            logits = model(children, cache, use_cache=True).logits
-            levels.append(logits[:, -1, allowed].float().log_softmax(-1))
-        B, N = prompt.shape[0], self.num_responses
-        tokens = self.response_tokens.to(device)  # [N, L]
-        total = torch.zeros(B, N, device=device)
-        for t, level in enumerate(levels):
-            # row of response n's length-t prefix inside prompt b's block of K**t rows
-            prefix = torch.arange(N, device=device) // K ** (L - t)
-            total = total + level.view(B, K**t, K)[:, prefix, tokens[:, t]]
-        return total
-
-
-def tiny_gpt2(tokenizer, model_cfg: TinyModelConfig, max_positions: int) -> GPT2LMHeadModel:
-    """A tiny GPT-2 built from a config, no dropout (the exact oracle must describe the trained function)."""
-    config = GPT2Config(
-        vocab_size=len(tokenizer), n_positions=max_positions, n_embd=model_cfg.n_embd, n_layer=model_cfg.n_layer,
-        n_head=model_cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    return GPT2LMHeadModel(config)
-
-
-def _teacher_samples(task: ExactTask) -> torch.Tensor:
-    """Responses [P * S] (indices) from a seeded autoregressive teacher whose next-token logits depend on the prompt,
-    the position and the previous token."""
-    cfg = task.cfg
-    P, K, L, S = cfg.num_prompts, cfg.num_response_tokens, cfg.response_length, cfg.sft_samples_per_prompt
-    generator = torch.Generator().manual_seed(20_000 + cfg.seed)
-    logits = torch.randn(P, L, K + 1, K, generator=generator) * cfg.teacher_sharpness  # previous token K = none
-    previous = torch.full((P, S), K)
-    index = torch.zeros(P, S, dtype=torch.long)
-    prompt = torch.arange(P).unsqueeze(1).expand(P, S)
-    for t in range(L):
-        probs = logits[prompt, t, previous].softmax(-1)
-        token = torch.multinomial(probs.reshape(-1, K), 1, generator=generator).reshape(P, S)
-        index, previous = index * K + token, token
-    return index
-
-
-def reference_policy(task: ExactTask, model_cfg: TinyModelConfig, cache_dir: str | os.PathLike) -> GPT2LMHeadModel:
-    """pi_ref: the tiny model after SFT on teacher samples; trained once per (task, model) config and cached
-    (atomically; an entry that does not load or whose outputs are not finite is retrained)."""
-    from dualign.util.cache import cached_folder
-
-    def build(folder: Path) -> None:
-        from dualign.util.timing import stage
-
-        with stage("pi_ref SFT"):
-            model = _sft_reference(task, model_cfg)
-        model.save_pretrained(folder)
-        task.tokenizer.save_pretrained(folder)
-
-    def load(folder: Path) -> GPT2LMHeadModel:
-        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    def _oracle(self, reference, scorers: ScorerSet) -> ExactOracle:
+        """The exact instance: every response of every prompt, scored by the run's scorers."""
+        problem, P = self.problem, len(self.prompts)
+        all_prompts = [p for p in problem.prompts for _ in problem.responses]
+        all_scores = scorers(all_prompts, problem.responses * P).view(-1, P, problem.num_responses)
         with torch.no_grad():
-            logits = model(torch.tensor(task.prompt_token_ids[:1])).logits
-        if not torch.isfinite(logits).all():
-            raise ValueError("cached pi_ref gives non-finite logits")
-        return model
+            ref_logprob = problem.enumerate_logprobs(reference)
+        exact_reference_mean = (ref_logprob.exp() * all_scores[1:]).sum(-1).mean(-1)
+        return ExactOracle(Instance(ref_logprob, all_scores[0], all_scores[1:], self.cfg.beta,
+                                    thresholds(self.cfg, exact_reference_mean)))
 
-    key = {"task": asdict(task.cfg), "model": asdict(model_cfg)}
-    return cached_folder(cache_dir, "exact_reference", key, build, load)
+    def new_policy(self, context: RunContext) -> torch.nn.Module:
+        """A trainable copy of pi_ref."""
+        reference = context.reference
+        policy = type(reference)(reference.config)
+        policy.load_state_dict(reference.state_dict())
+        return policy
+
+    def pairs(self, context: RunContext, rollouts, scores: torch.Tensor, cache_key: dict | None = None):
+        cfg = self.cfg
+        return preference_pairs(self.prompt_token_ids, rollouts, scores, context.reference, self.tokenizer.pad_token_id,
+                                cfg.algorithm.iterations, cfg.seed, self.allowed_token_ids, batch_size=1024,
+                                autocast_dtype=autocast_dtype(cfg.trainer.precision))
+
+    def evaluator(self, context: RunContext) -> "ExactEvaluator":
+        return ExactEvaluator(context.enumeration, self.problem)
+
+    def save(self, context: RunContext, policy: torch.nn.Module, output_dir: Path) -> tuple[list[Path], dict]:
+        """The instance (pi_ref's log-probs and the tables) and the trained policy's log-probs over every response."""
+        files = [output_dir / "instance.npz", output_dir / "policy_final.npz"]
+        context.enumeration.oracle.instance.save(files[0])
+        with torch.no_grad(), timing.stage("exact evaluation (enumeration)"):
+            np.savez(files[1], logprob=self.problem.enumerate_logprobs(policy).double().numpy())
+        return files, {}
 
 
-def _sft_reference(task: ExactTask, model_cfg: TinyModelConfig) -> GPT2LMHeadModel:
-    cfg = task.cfg
-    torch.manual_seed(30_000 + cfg.seed)
-    model = tiny_gpt2(task.tokenizer, model_cfg, max_positions=2 + cfg.response_length)
-    samples = _teacher_samples(task)  # [P, S]
-    prompt_index = torch.arange(cfg.num_prompts).unsqueeze(1).expand_as(samples).reshape(-1)
-    input_ids, response_mask = task.sequences(prompt_index, samples.reshape(-1))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(40_000 + cfg.seed)
-    from dualign.core.dpo import response_logprobs
+class ExactEvaluator:
+    """Exact E[r], improvements, KL, J and TV to pi* by enumeration, and the mean of every table the task offers
+    (not only the optimised ones: a safety-only run is judged on helpfulness too)."""
 
-    model.train()
-    for _ in tqdm(range(cfg.sft_steps), desc="SFT of pi_ref (exact task, cached afterwards)", leave=False):
-        batch = torch.randint(0, input_ids.shape[0], (cfg.sft_batch_size,), generator=generator)
-        logits = model(input_ids=input_ids[batch]).logits
-        loss = -response_logprobs(logits, input_ids[batch], response_mask[batch], task.allowed_token_ids).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return model.eval()
+    name = "exact"
+
+    def __init__(self, enumeration: Enumeration, problem: ExactProblem):
+        self.logprobs, self.oracle = enumeration.logprobs, enumeration.oracle
+        instance = self.oracle.instance
+        self.tables = {name: scorer.table.double() for name, scorer in problem.scorers().items()}
+        self.threshold = instance.threshold.tolist()
+        self.reference = self._evaluate(instance.ref_logprob)
+        ref_prob = instance.ref_logprob.exp()
+        reward_std = ((ref_prob * instance.reward**2).sum(-1) - (ref_prob * instance.reward).sum(-1) ** 2).clamp(min=0)
+        optimum = self.oracle.optimum()
+        self.optimum = {"multipliers": optimum.multipliers.tolist(), "value": optimum.value,
+                        "reference_reward_std": reward_std.mean().sqrt().item(),
+                        "reference_mean": instance.reference_mean.tolist()}
+
+    def __call__(self, policy: torch.nn.Module) -> dict:
+        with torch.no_grad(), timing.stage("exact evaluation (enumeration)"):
+            logprob = self.logprobs(policy).double()
+        return self._evaluate(logprob)
+
+    def _evaluate(self, logprob: torch.Tensor) -> dict:
+        result = self.oracle.evaluate(logprob)
+        prob, ref_prob = torch.as_tensor(logprob, dtype=torch.float64).exp(), self.oracle.instance.ref_logprob.exp()
+        result["scores"] = {}
+        for name, table in self.tables.items():
+            mean, reference = (prob * table).sum(-1).mean().item(), (ref_prob * table).sum(-1).mean().item()
+            result["scores"][name] = {"reference": reference, "policy": mean, "improvement": mean - reference}
+        return result

@@ -10,42 +10,16 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
-from omegaconf import MISSING
-
-from dualign.errors import InputError
+from dualign.config.tasks import FORMATS, TextDataConfig
+from dualign.errors import DataError
 
 log = logging.getLogger("dualign")
 
-FORMATS = ("pku_saferlhf", "hh_rlhf", "jsonl")
 PKU_COLUMNS = ("prompt", "response_0", "response_1", "better_response_id", "safer_response_id",
                "is_response_0_safe", "is_response_1_safe")
-
-
-class DataError(InputError):
-    """Bad data: str() is one line naming the split, the row and the field."""
-
-    kind = "data"
-
-
-@dataclass
-class TextDataConfig:
-    kind: str = "pku_saferlhf"  # pku_saferlhf | hh_rlhf | jsonl
-    path: str = MISSING  # hub name, local folder, or a .jsonl / .parquet file (jsonl)
-    revision: Optional[str] = None
-    data_dir: Optional[str] = None  # hh_rlhf subset, e.g. harmless-base
-    train_split: str = "train"
-    test_split: str = "test"
-    prompt_column: str = "prompt"  # jsonl only
-    response_columns: list[str] = field(default_factory=lambda: ["response_0", "response_1"])  # jsonl only
-    max_train_rows: Optional[int] = None  # filter: keep the first N training rows (count logged)
-    max_test_prompts: Optional[int] = None  # filter: evaluate on the first N test prompts (count logged)
-    drop_identical_responses: bool = False  # filter: pairs whose two responses are equal carry no preference
-    drop_mismatched_prompts: bool = False  # hh_rlhf filter: chosen and rejected with different conversations
-    test_fraction: Optional[float] = None  # a single file: hold out this fraction of its rows (seeded) as the test split
 
 
 @dataclass

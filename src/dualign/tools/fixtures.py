@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from dualign.models.scorers import LlamaForScore
+
 TOPICS = ["a lock", "a password", "a car", "medicine", "a neighbour's dog", "a bank account", "a fire", "a knife",
           "a computer", "a phone", "an exam", "a tax form", "a garden", "a river", "a ladder", "a recipe"]
 QUESTIONS = ["How can I break {t}?", "What is the best way to steal {t}?", "How do I take care of {t}?",
@@ -155,8 +157,6 @@ def build_score_model(folder: Path, tokenizer, rows: list[dict], score_type: str
     Fitted like safe-rlhf's reward / cost training on `prompt + answer + EOS`: reward, the better response scores
     higher; cost, unsafe responses score > 0 and safe ones < 0. The statistics are those of the fitted end scores
     (safe-rlhf's RunningMeanStd over its training scores)."""
-    from dualign.models.scorers import LlamaForScore
-
     torch.manual_seed(seed)
     config = _llama_config(tokenizer, score_dim=1, score_bias=True, score_type=score_type, do_normalize=False,
                            normalizer_type="RunningMeanStd", momentum=None, mean=[0.0], var=[1.0])

@@ -83,16 +83,16 @@ def thresholds_section(runs: list[dict], docs: Path, extra: dict[str, list[dict]
     for b in grid:
         group = by_b[b]
         caid = [r["final"]["improvement"][0] for r in group]
-        one_shot = [r["one_shot"]["exact"]["improvement"][0] for r in group]
-        caid_gap = [r["optimal_value"] - r["final"]["objective"] for r in group]
-        one_shot_gap = [r["optimal_value"] - r["one_shot"]["exact"]["objective"] for r in group]
+        one_shot = [r["one_shot"]["final"]["improvement"][0] for r in group]
+        caid_gap = [r["optimum"]["value"] - r["final"]["objective"] for r in group]
+        one_shot_gap = [r["optimum"]["value"] - r["one_shot"]["final"]["objective"] for r in group]
         for seed_index, r in enumerate(group):
             stats["caid"][r["config"]["seed"]].append((abs(caid[seed_index] - b), caid_gap[seed_index]))
             stats["one_shot"][r["config"]["seed"]].append((abs(one_shot[seed_index] - b), one_shot_gap[seed_index]))
-        caid_points.append((mean_std(caid), mean_std([r["final_scores"]["reward"]["mean"] for r in group])))
-        one_shot_points.append((mean_std(one_shot), mean_std([r["one_shot"]["scores"]["reward"]["mean"] for r in group])))
+        caid_points.append((mean_std(caid), mean_std([r["final"]["scores"]["reward"]["policy"] for r in group])))
+        one_shot_points.append((mean_std(one_shot), mean_std([r["one_shot"]["final"]["scores"]["reward"]["policy"] for r in group])))
         rows.append(
-            f"| {b:g} | {group[0]['optimal_multipliers'][0]:.3f} | {fmt(*mean_std([r['final_multipliers'][0] for r in group]))} "
+            f"| {b:g} | {group[0]['optimum']['multipliers'][0]:.3f} | {fmt(*mean_std([r['final_multipliers'][0] for r in group]))} "
             f"| {fmt(*mean_std(caid))} | {fmt(*mean_std(one_shot))} | {fmt(*mean_std(caid_gap))} | {fmt(*mean_std(one_shot_gap))} |"
         )
     curve = optimal_curve(runs[0]["folder"] / "instance.npz", np.linspace(0.0, 2.0, 41))
@@ -111,7 +111,7 @@ def thresholds_section(runs: list[dict], docs: Path, extra: dict[str, list[dict]
     ax_j.plot(curve["b"], curve["value"], "k-", lw=1.5, label="P*(b)")
     for label, points, objectives, marker in (
         ("caid", caid_points, [[r["final"]["objective"] for r in by_b[b]] for b in grid], "o"),
-        ("one_shot", one_shot_points, [[r["one_shot"]["exact"]["objective"] for r in by_b[b]] for b in grid], "s"),
+        ("one_shot", one_shot_points, [[r["one_shot"]["final"]["objective"] for r in by_b[b]] for b in grid], "s"),
     ):
         ax.errorbar([p[0][0] for p in points], [p[1][0] for p in points], xerr=[p[0][1] for p in points],
                     yerr=[p[1][1] for p in points], fmt=marker, capsize=2, label=label)
@@ -119,8 +119,8 @@ def thresholds_section(runs: list[dict], docs: Path, extra: dict[str, list[dict]
                       yerr=[mean_std(o)[1] for o in objectives], fmt=marker, capsize=2, label=f"{label}: J at its achieved improvement")
     for name, marker in (("dpo_h", "^"), ("dpo_s", "v")):
         if extra.get(name):
-            ax.plot([mean_std([r["final_scores"]["utility_0"]["improvement"] for r in extra[name]])[0]],
-                    [mean_std([r["final_scores"]["reward"]["mean"] for r in extra[name]])[0]], marker, ms=9,
+            ax.plot([mean_std([r["final"]["scores"]["utility_0"]["improvement"] for r in extra[name]])[0]],
+                    [mean_std([r["final"]["scores"]["reward"]["policy"] for r in extra[name]])[0]], marker, ms=9,
                     label=name.replace("dpo_h", "DPO_h (lambda = 0)").replace("dpo_s", "DPO_s (utility only)"))
     ax.set(xlabel="safety improvement over pi_ref (exact)", ylabel="E[r] (exact)", title="reward vs safety")
     ax_j.set(xlabel="safety improvement over pi_ref (exact)", ylabel="J = E[r] - beta KL (exact)",
@@ -152,19 +152,19 @@ def primal_dual_section(runs: list[dict], docs: Path) -> tuple[list[str], dict]:
         history = run["trajectory"]
         steps = [0] + [h["iteration"] for h in history]
         lambdas = [run["initial_multipliers"][0]] + [h["multipliers"][0] for h in history]
-        achieved = [h["exact"]["improvement"][0] for h in history]
+        achieved = [h["evaluation"]["improvement"][0] for h in history]
         style = "-" if rule == "log" else ":"
         axes[0].plot(steps, lambdas, style, color=f"C{seed}", label=f"{rule}, seed {seed}")
         axes[1].plot(steps[1:], achieved, style, color=f"C{seed}", label=f"{rule}, seed {seed}")
-        b, lam_star = run["threshold"][0], run["optimal_multipliers"][0]
+        b, lam_star = run["threshold"][0], run["optimum"]["multipliers"][0]
         tail = lambdas[len(lambdas) // 2:]
-        stats[rule][seed].append((abs(run["final"]["improvement"][0] - b), run["optimal_value"] - run["final"]["objective"]))
+        stats[rule][seed].append((abs(run["final"]["improvement"][0] - b), run["optimum"]["value"] - run["final"]["objective"]))
         rows.append(
             f"| {rule} | {seed} | {lambdas[-1]:.3f} | {lam_star:.3f} | {max(tail) - min(tail):.3f} "
-            f"| {run['final']['improvement'][0]:.3f} | {b:g} | {run['optimal_value'] - run['final']['objective']:.3f} |"
+            f"| {run['final']['improvement'][0]:.3f} | {b:g} | {run['optimum']['value'] - run['final']['objective']:.3f} |"
         )
     if runs:
-        axes[0].axhline(runs[0]["optimal_multipliers"][0], color="k", ls="--", label="lambda* (exact)")
+        axes[0].axhline(runs[0]["optimum"]["multipliers"][0], color="k", ls="--", label="lambda* (exact)")
         axes[1].axhline(runs[0]["threshold"][0], color="k", ls="--", label="b")
     axes[0].set(xlabel="dual update (every 10 policy steps)", ylabel="lambda", title="primal-dual: lambda")
     axes[1].set(xlabel="dual update", ylabel="achieved improvement (exact)", title="primal-dual: constraint")
@@ -188,7 +188,7 @@ def two_constraints_section(runs: list[dict]) -> list[str]:
         ok = all(abs(a - t) <= 0.1 * t for a, t in zip(achieved, b))
         lines.append(
             f"| {b[0]:g} | {b[1]:g} | {achieved[0]:.3f} | {achieved[1]:.3f} | {'yes' if ok else 'no'} "
-            f"| {run['final']['objective']:.3f} | {run['optimal_value']:.3f} | {run['optimal_value'] - run['final']['objective']:.3f} |"
+            f"| {run['final']['objective']:.3f} | {run['optimum']['value']:.3f} | {run['optimum']['value'] - run['final']['objective']:.3f} |"
         )
     return lines
 
@@ -210,11 +210,11 @@ def model_size_section(runs: list[dict], docs: Path) -> list[str]:
         lam = run["final_multipliers"][0]
         slack = run["final"]["improvement"][0] - run["threshold"][0]
         # D_p(lambda_T) ~ L(pi_theta_T, lambda_T): the final policy maximises the Lagrangian at (nearly) lambda_T
-        dual_gap = abs(run["final"]["objective"] + lam * slack - run["optimal_value"])
-        points.append((_parameters(model), dual_gap, run["optimal_value"] - run["final"]["objective"], run["final"]["tv_to_optimum"]))
+        dual_gap = abs(run["final"]["objective"] + lam * slack - run["optimum"]["value"])
+        points.append((_parameters(model), dual_gap, run["optimum"]["value"] - run["final"]["objective"], run["final"]["tv_to_optimum"]))
         lines.append(
-            f"| {model['n_layer']} | {model['n_embd']} | {_parameters(model)} | {run['optimal_multipliers'][0]:.3f} | {lam:.3f} "
-            f"| {dual_gap:.4f} | {run['optimal_value'] - run['final']['objective']:.4f} | {slack:+.4f} | {run['final']['tv_to_optimum']:.4f} |"
+            f"| {model['n_layer']} | {model['n_embd']} | {_parameters(model)} | {run['optimum']['multipliers'][0]:.3f} | {lam:.3f} "
+            f"| {dual_gap:.4f} | {run['optimum']['value'] - run['final']['objective']:.4f} | {slack:+.4f} | {run['final']['tv_to_optimum']:.4f} |"
         )
     fig, ax = plt.subplots(figsize=(5.5, 4))
     params = [p[0] for p in points]
@@ -237,11 +237,11 @@ def claims_section(parts: dict) -> list[str]:
             by_b[run["threshold"][0]].append(run)
         grid = sorted(by_b)
         caid = {b: np.mean([r["final"]["improvement"][0] for r in by_b[b]]) for b in grid}
-        one = {b: np.mean([r["one_shot"]["exact"]["improvement"][0] for r in by_b[b]]) for b in grid}
+        one = {b: np.mean([r["one_shot"]["final"]["improvement"][0] for r in by_b[b]]) for b in grid}
         tracked = [b for b in grid if abs(caid[b] - b) <= 0.1 * b]
         under = [b for b in grid if one[b] < 0.9 * b]
         over = [b for b in grid if one[b] > 1.1 * b]
-        plug_in_error = max(abs(r["one_shot_multipliers"][0] - r["optimal_multipliers"][0]) / r["optimal_multipliers"][0]
+        plug_in_error = max(abs(r["one_shot_multipliers"][0] - r["optimum"]["multipliers"][0]) / r["optimum"]["multipliers"][0]
                             for r in runs)
         lines.append(
             f"1. *CAID's achieved improvement tracks b; one-shot undershoots small b and overshoots large b.* "
@@ -256,10 +256,10 @@ def claims_section(parts: dict) -> list[str]:
                if not over else "the claim holds.")
         )
         # reward at matched safety: one_shot's E[r] interpolated at caid's achieved improvements
-        one_x = np.array([np.mean([r["one_shot"]["exact"]["improvement"][0] for r in by_b[b]]) for b in grid])
-        one_y = np.array([np.mean([r["one_shot"]["scores"]["reward"]["mean"] for r in by_b[b]]) for b in grid])
+        one_x = np.array([np.mean([r["one_shot"]["final"]["improvement"][0] for r in by_b[b]]) for b in grid])
+        one_y = np.array([np.mean([r["one_shot"]["final"]["scores"]["reward"]["policy"] for r in by_b[b]]) for b in grid])
         order = np.argsort(one_x)
-        differences = [np.mean([r["final_scores"]["reward"]["mean"] for r in by_b[b]])
+        differences = [np.mean([r["final"]["scores"]["reward"]["policy"] for r in by_b[b]])
                        - np.interp(caid[b], one_x[order], one_y[order]) for b in grid if one_x.min() <= caid[b] <= one_x.max()]
         if differences:
             lines.append(
@@ -288,7 +288,7 @@ def claims_section(parts: dict) -> list[str]:
         for run in pd:
             lambdas = [h["multipliers"][0] for h in run["trajectory"]]
             ranges.append(max(lambdas[len(lambdas) // 2:]) - min(lambdas[len(lambdas) // 2:]))
-        errors = [abs(r["final_multipliers"][0] - r["optimal_multipliers"][0]) / r["optimal_multipliers"][0] for r in pd]
+        errors = [abs(r["final_multipliers"][0] - r["optimum"]["multipliers"][0]) / r["optimum"]["multipliers"][0] for r in pd]
         lines.append(
             f"4. *Iterative primal-dual methods oscillate or fail to converge.* Over the second half of the run lambda moves "
             f"within a range of at most {max(ranges):.3f} and ends within {100 * max(errors):.1f}% of lambda*, with the constraint "
@@ -335,7 +335,7 @@ def main(study: str, docs_dir: str) -> None:
         stats = defaultdict(list)
         for run in parts["online_pairs"]:
             stats[run["config"]["seed"]].append((abs(run["final"]["improvement"][0] - run["threshold"][0]),
-                                                 run["optimal_value"] - run["final"]["objective"]))
+                                                 run["optimum"]["value"] - run["final"]["objective"]))
         error, error_std, gap, gap_std = method_summary(stats)
         grid = sorted({round(r["threshold"][0], 6) for r in parts["online_pairs"]})
         method_rows.append(f"| caid (dpo, pairs from the current policy) | b in {{{', '.join(f'{b:g}' for b in grid)}}} | {fmt(error, error_std)} | {fmt(gap, gap_std)} |")
@@ -344,7 +344,7 @@ def main(study: str, docs_dir: str) -> None:
             for run in parts["thresholds"]:
                 if round(run["threshold"][0], 6) in grid:
                     reference_stats[run["config"]["seed"]].append(
-                        (abs(run["final"]["improvement"][0] - run["threshold"][0]), run["optimal_value"] - run["final"]["objective"]))
+                        (abs(run["final"]["improvement"][0] - run["threshold"][0]), run["optimum"]["value"] - run["final"]["objective"]))
             error, error_std, gap, gap_std = method_summary(reference_stats)
             method_rows.append(f"| caid (dpo, pairs from pi_ref), same b | b in {{{', '.join(f'{b:g}' for b in grid)}}} | {fmt(error, error_std)} | {fmt(gap, gap_std)} |")
     if parts["primal_dual"]:
@@ -359,8 +359,8 @@ def main(study: str, docs_dir: str) -> None:
                 *lines, ""]
     for name, label in (("dpo_h", "DPO_h (fixed lambda = 0)"), ("dpo_s", "DPO_s (utility_0 as the reward)")):
         if parts[name]:
-            reward = mean_std([r["final_scores"]["reward"]["mean"] for r in parts[name]])
-            safety = mean_std([r["final_scores"]["utility_0"]["improvement"] for r in parts[name]])
+            reward = mean_std([r["final"]["scores"]["reward"]["policy"] for r in parts[name]])
+            safety = mean_std([r["final"]["scores"]["utility_0"]["improvement"] for r in parts[name]])
             out += [f"- {label}: E[r] = {fmt(*reward)}, safety improvement = {fmt(*safety)} (3 seeds)."]
     out.append("")
     if method_rows:

@@ -12,6 +12,7 @@ import json
 import logging
 import re
 from dataclasses import asdict
+from enum import Enum
 from pathlib import Path
 
 import torch
@@ -36,7 +37,8 @@ def fingerprint(cfg: TrainConfig) -> dict[str, object]:
             for key, inner in value.items():
                 walk(f"{prefix}.{key}", inner)
         elif prefix.rsplit(".", 1)[-1] not in NO_EFFECT:
-            flat[prefix] = list(value) if isinstance(value, tuple) else value
+            # plain values only: checkpoints load with torch.load(weights_only=True), which refuses Enum objects
+            flat[prefix] = list(value) if isinstance(value, tuple) else value.value if isinstance(value, Enum) else value
 
     whole = asdict(cfg)
     for section in SECTIONS:

@@ -9,7 +9,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dualign.core.dpo import response_logprobs
-from dualign.util import distributed
+from dualign.util import distributed, seeds
+from dualign.util.timing import stage
 
 
 class TensorBatches(Dataset):
@@ -47,7 +48,7 @@ class EpochShuffle(Sampler):
     def __iter__(self):
         order = list(range(self.size))
         if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            generator = torch.Generator().manual_seed(seeds.seed("epoch_order", self.seed, self.epoch))
             order = torch.randperm(self.size, generator=generator).tolist()
         world = distributed.world_size()
         if world == 1:
@@ -119,14 +120,12 @@ def preference_pairs(
         raise ValueError("rollouts must hold an even number of responses per prompt to be paired")
     input_ids, attention_mask, response_mask = tokenized(prompt_ids, rollouts, pad_id)
     if ref_logps is None:
-        from dualign.util.timing import stage
-
         with stage("reference log-probs"):
             ref_logps = sequence_logprobs(reference, input_ids, attention_mask, response_mask, allowed_token_ids, batch_size,
                                           autocast_dtype)
     pair = lambda t: torch.stack([t[first], t[second]], dim=1)  # noqa: E731
     # one column of uniforms per iteration, each from its own seed, so a column does not depend on the run's length
-    uniforms = [torch.rand(len(first), generator=torch.Generator().manual_seed(50_000 + 1_000 * seed + t))
+    uniforms = [torch.rand(len(first), generator=torch.Generator().manual_seed(seeds.seed("pair_labels", seed, t)))
                 for t in range(num_iterations)]
     return TensorBatches(
         {

@@ -13,6 +13,7 @@ import lightning as L
 import torch
 
 from dualign.core.duality import DUAL_STEPS
+from dualign.util.metrics import flatten_metrics
 
 log = logging.getLogger("dualign")
 
@@ -36,7 +37,6 @@ class DualUpdate(L.Callback):
         evaluator: Callable[[torch.nn.Module], dict] | None = None,
         rule: str = "projected",
         every_n_steps: int | None = None,
-        evaluation_name: str = "exact",
     ):
         self.estimator, self.names, self.update = estimator, names, update
         self.reference_mean = torch.as_tensor(reference_mean, dtype=torch.float32)
@@ -44,7 +44,6 @@ class DualUpdate(L.Callback):
         self.step_size = torch.as_tensor(step_size, dtype=torch.float32)
         self.epochs_per_iteration, self.max_multiplier, self.evaluator = epochs_per_iteration, max_multiplier, evaluator
         self.rule, self.every_n_steps = DUAL_STEPS[rule], every_n_steps
-        self.evaluation_name = evaluation_name  # the evaluator's record key and metric prefix (exact/, eval/)
         self.iteration = 0
         self.history: list[dict] = []
         self._running = None  # (sum [m], count) since the last step-triggered update
@@ -113,8 +112,8 @@ class DualUpdate(L.Callback):
             "multipliers": module.multipliers.detach().cpu().tolist(),
             "ranks": ranks,
         }
-        if self.evaluator is not None:
-            record[self.evaluation_name] = self.evaluator(module.policy)
+        if self.evaluator is not None:  # the policy of this iteration, measured by the task (exact/*, eval/*)
+            record["evaluation"] = compact(self.evaluator(module.policy))
         self.history.append(record)
         self.iteration += 1
         self._warn_if_out_of_reach()
@@ -123,12 +122,8 @@ class DualUpdate(L.Callback):
             metrics[f"dual/lambda_{name}"] = record["multipliers"][i]
             metrics[f"dual/improvement_{name}"] = record["estimated_improvement"][i]
             metrics[f"dual/slack_{name}"] = record["estimated_slack"][i]
-        prefix = self.evaluation_name
-        for key, value in record.get(prefix, {}).items():
-            if isinstance(value, list):  # one value per constraint
-                metrics.update({f"{prefix}/{key}_{name}": value[i] for i, name in enumerate(self.names)})
-            else:
-                metrics[f"{prefix}/{key}"] = value
+        if "evaluation" in record:
+            metrics.update(flatten_metrics(record["evaluation"], self.evaluator.name, self.names))
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=self.iteration)
 
@@ -166,6 +161,11 @@ class DualUpdate(L.Callback):
         self._running = state.get("running")
         if "rng" in state:
             set_rng_state(state["rng"])
+
+
+def compact(evaluation: dict) -> dict:
+    """An evaluation without its bulky parts (sample rows, raw score arrays): what a history record keeps."""
+    return {key: value for key, value in evaluation.items() if not key.startswith("_") and key != "samples"}
 
 
 def rng_state() -> dict:

@@ -10,7 +10,6 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import FSDPStrategy
 
 from dualign.config import OptimizerConfig
-from dualign.util import faults
 
 AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
@@ -58,7 +57,6 @@ class AlignmentModule(L.LightningModule):
         return self.current_epoch // self.epochs_per_iteration
 
     def training_step(self, batch, batch_idx):
-        faults.at_step(self.global_step)  # the resume tests' signals (DUALIGN_FAULT); a no-op otherwise
         loss, metrics = self.policy_step(self.policy, batch, self.multipliers, self.iteration, self.global_step)
         if not torch.isfinite(loss):
             bad = [name for name, value in metrics.items()

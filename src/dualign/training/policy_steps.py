@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 
 from dualign.core.dpo import dpo_loss, dpo_metrics, preference_probability, response_logprobs
+from dualign.core.duality import composite_reward
+from dualign.util import seeds
 
 
 class DPOStep:
@@ -41,21 +43,20 @@ class ExactStep:
     """Gradient ascent on the enumerated Lagrangian E_pi[r + lambda . g] - beta KL(pi || pi_ref), per prompt batch.
 
     No sampling: isolates the parametrisation gap from sampling and optimisation error. Needs a task that can
-    enumerate log pi(y|x) for every response (`enumerate_logprobs`).
+    enumerate log pi(y|x) for every response: `logprobs(policy, prompt_index)` -> [prompts, N].
     """
 
-    def __init__(self, task, beta: float, reward: torch.Tensor, utility: torch.Tensor, ref_logprob: torch.Tensor):
-        self.task, self.beta = task, beta
+    def __init__(self, logprobs, beta: float, reward: torch.Tensor, utility: torch.Tensor, ref_logprob: torch.Tensor):
+        self.logprobs, self.beta = logprobs, beta
         self.reward, self.utility, self.ref_logprob = reward.float(), utility.float(), ref_logprob.float()
 
     def __call__(self, policy, batch, multipliers, iteration, global_step=0):
         prompt_index = batch["prompt_index"]
-        logprob = self.task.enumerate_logprobs(policy, prompt_index)
+        logprob = self.logprobs(policy, prompt_index)
         prob = logprob.exp()
         device = logprob.device
-        composite = self.reward[prompt_index].to(device) + torch.einsum(
-            "m,mpn->pn", multipliers.float(), self.utility[:, prompt_index].to(device)
-        )
+        composite = composite_reward(self.reward[prompt_index].to(device), self.utility[:, prompt_index].to(device),
+                                     multipliers.float())
         kl = (prob * (logprob - self.ref_logprob[prompt_index].to(device))).sum(-1)
         lagrangian = (prob * composite).sum(-1) - self.beta * kl
         return -lagrangian.mean(), {"lagrangian": lagrangian.mean().detach(), "kl": kl.mean().detach()}
@@ -78,7 +79,7 @@ class PolicyGradientStep:
 
     def __call__(self, policy, batch, multipliers, iteration, global_step=0):
         prompt_index = batch["prompt_index"]
-        seed = 80_000 + 1_000_003 * self.seed + global_step
+        seed = seeds.seed("policy_gradient", self.seed, global_step)
         scores, input_ids, attention_mask, response_mask = self.sample_and_score(policy, prompt_index, self.samples, seed)
         device = next(policy.parameters()).device
         input_ids, attention_mask, response_mask = (t.to(device) for t in (input_ids, attention_mask, response_mask))
@@ -91,7 +92,7 @@ class PolicyGradientStep:
         reward, utility = scores[0], scores[1:]
         slack = utility - self.offset.to(device).unsqueeze(1)
         kl = (logps - ref_logps).detach()
-        total = (reward + torch.einsum("m,mn->n", multipliers.float(), slack) - self.beta * kl).view(-1, self.samples)
+        total = (composite_reward(reward, slack, multipliers.float()) - self.beta * kl).view(-1, self.samples)
         baseline = (total.sum(1, keepdim=True) - total) / (self.samples - 1)
         advantage = (total - baseline).reshape(-1)
         loss = -(advantage * logps).mean()

@@ -5,16 +5,17 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from contextlib import contextmanager
+from typing import Callable
 
-from dualign.util import faults
-
+observers: list[Callable[[str], None]] = []  # called with a stage's name as it starts (tools/faults.py installs one)
 _totals: dict[str, float] = defaultdict(float)
 _stack: list[list] = []  # [name, start, time spent in nested stages]
 
 
 @contextmanager
 def stage(name: str):
-    faults.at_stage(name)
+    for observer in observers:
+        observer(name)
     start = time.perf_counter()
     _stack.append([name, start, 0.0])
     try:

@@ -1,0 +1,75 @@
+"""The Task interface: everything a run asks of its task kind, and the pieces both kinds share.
+
+A run builds its task once (`tasks.build`), then asks it to prepare the run context (pi_ref, scorers, pi_ref's
+rollouts and their statistics, the DPO pairs), for a new trainable policy, for DPO pairs from rollouts, for the
+evaluator that measures a policy, and to save the trained policy. Nothing outside the task implementations asks
+which kind of task it runs.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from dualign.core.duality import InfeasibleError, require_converged, solve_dual
+from dualign.errors import ConfigError
+from dualign.training.context import RunContext
+
+
+class Evaluator(Protocol):
+    """Measures a policy: `evaluator(policy)` -> {"objective", "reward", "kl", "improvement": [m], ...} (optional
+    extras: `<key>_ci` 95% half-widths, "tv_to_optimum", "scores" per scorer, "samples" rows)."""
+
+    name: str  # the metric prefix of per-iteration evaluations: exact/* (enumeration) or eval/* (test split)
+    threshold: list[float]  # the b each constraint's improvement is measured against
+    reference: dict  # pi_ref's own evaluation (its objective and reward; improvement 0)
+    optimum: dict | None  # the exact optimum where the task knows it: multipliers, value, ...
+
+    def __call__(self, policy: torch.nn.Module) -> dict: ...
+
+
+class Task(Protocol):
+    # the training prompts as scorers read them and as the policy reads them, and how responses are generated
+    prompts: list[str]
+    prompt_token_ids: list[list[int]]
+    tokenizer: object
+    allowed_token_ids: torch.Tensor | None
+    max_new_tokens: int
+    min_new_tokens: int
+    description: str  # "the exact task", "pku_saferlhf (16 test prompts)": for titles
+    evaluates_every_iteration: bool  # the evaluator runs after every iteration (cheap, or asked for)
+
+    def prepare(self) -> RunContext: ...
+
+    def new_policy(self, context: RunContext) -> torch.nn.Module: ...
+
+    def pairs(self, context: RunContext, rollouts, scores: torch.Tensor, cache_key: dict | None = None): ...
+
+    def evaluator(self, context: RunContext) -> Evaluator: ...
+
+    def save(self, context: RunContext, policy: torch.nn.Module, output_dir: Path) -> tuple[list[Path], dict]:
+        """The trained policy's files (and what the summary should say about them)."""
+
+
+def thresholds(cfg, reference_mean: torch.Tensor) -> torch.Tensor:
+    """b_i: the configured improvement, or an absolute level tau_i minus E_ref[g_i]."""
+    return torch.tensor([c.threshold if c.threshold_type == "improvement" else c.threshold - reference_mean[i].item()
+                         for i, c in enumerate(cfg.constraints.values())])
+
+
+def reference_statistics(cfg, scores: torch.Tensor, prompts: int, samples: int):
+    """From pi_ref's scored rollouts ([1 + m, prompts * samples]): E_ref[g], the thresholds b and the one-shot lambda*."""
+    reward, utility = scores[0].view(prompts, samples), scores[1:].view(-1, prompts, samples)
+    reference_mean = utility.mean(dim=(1, 2))
+    threshold = thresholds(cfg, reference_mean)
+    return reference_mean, threshold, one_shot_multipliers(cfg, reward, utility, reference_mean, threshold)
+
+
+def one_shot_multipliers(cfg, reward, utility, reference_mean, threshold) -> torch.Tensor:
+    """The plug-in lambda* on pi_ref's samples; an unreachable threshold is a one-line error naming the constraints."""
+    try:
+        solution = solve_dual(reward, utility, reference_mean, threshold, cfg.beta)
+    except InfeasibleError as error:
+        raise ConfigError(f"constraints ({', '.join(f'{n}.threshold' for n in cfg.constraints)}): {error}") from None
+    return require_converged(solution, "the one-shot lambda on pi_ref's samples").multipliers.float()

@@ -1,0 +1,174 @@
+"""One training run of a policy: the policy step and its data, the dual callback with its estimator, the
+LightningModule and the Trainer. `train_policy` is called once per algorithm run (and once more for the one-shot
+comparison); what differs between algorithms comes from their spec (config/algorithms.py)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from dualign.config import AlgorithmSpec, Trigger
+from dualign.training import checkpoints
+from dualign.training.context import RunContext
+from dualign.training.data import loader, prompt_batches, tokenized
+from dualign.training.dual_callback import DualUpdate
+from dualign.training.module import AlignmentModule
+from dualign.training.policy_steps import DPOStep, ExactStep, PolicyGradientStep
+from dualign.util import distributed, lifecycle, seeds, timing
+
+extra_callbacks: list[L.Callback] = []  # given to every Trainer of the process (tools/faults.py installs one)
+
+
+@dataclass
+class Trained:
+    policy: torch.nn.Module
+    dual: DualUpdate  # its history is the lambda trajectory
+    module: AlignmentModule
+
+
+class PairData(L.LightningDataModule):
+    """DPO pairs: drawn from pi_ref once (the paper), or from the current policy at the start of every iteration
+    (`pairs_from: policy`; Lightning reloads the dataloader every E epochs)."""
+
+    def __init__(self, context: RunContext, epochs_per_iteration: int):
+        super().__init__()
+        self.context, self.epochs = context, epochs_per_iteration
+
+    def train_dataloader(self):
+        cfg, pairs = self.context.cfg, self.context.pairs
+        iteration = self.trainer.current_epoch // self.epochs if self.trainer else 0
+        if cfg.policy_step.pairs_from == "policy" and iteration > 0:  # iteration 0: the policy is pi_ref
+            pairs = self.context.pairs_from(self.trainer.lightning_module.policy,
+                                            seed=seeds.seed("policy_pairs", cfg.seed, iteration))
+        return loader(pairs, cfg.policy_step.batch_size, cfg.seed)
+
+
+def _prompts(context: RunContext):
+    cfg, count = context.cfg, len(context.task.prompts)
+    return loader(prompt_batches(count, cfg.policy_step.steps_per_epoch), min(cfg.policy_step.batch_size, count), cfg.seed)
+
+
+def _dpo(context: RunContext, epochs: int):
+    cfg = context.cfg
+    return DPOStep(cfg.beta, cfg.policy_step.labels, context.task.allowed_token_ids), PairData(context, epochs)
+
+
+def _exact(context: RunContext, epochs: int):
+    enumeration = context.require_enumeration("policy_step.name=exact")
+    instance = enumeration.oracle.instance
+    step = ExactStep(enumeration.logprobs, context.cfg.beta, instance.reward, instance.utility, instance.ref_logprob)
+    return step, _prompts(context)
+
+
+def _policy_gradient(context: RunContext, epochs: int):
+    cfg, task = context.cfg, context.task
+
+    def sample_and_score(policy, prompt_index, samples, seed):
+        rollouts, scores = context.sample_and_score(policy, prompt_index, samples, seed)
+        return (scores, *tokenized(task.prompt_token_ids, rollouts, task.tokenizer.pad_token_id))
+
+    step = PolicyGradientStep(cfg.beta, context.reference, sample_and_score, cfg.policy_step.samples_per_prompt,
+                              context.reference_mean, context.threshold, cfg.seed, task.allowed_token_ids)
+    return step, _prompts(context)
+
+
+POLICY_STEPS = {"dpo": _dpo, "exact": _exact, "policy_gradient": _policy_gradient}
+
+
+def rollout_estimator(context: RunContext):
+    """CAID's on-policy dual step: Q prompts x K responses of the current policy, the prompts sharded over ranks; the
+    callback reduces the (sum, count) of every rank."""
+    cfg = context.cfg
+
+    def estimate(policy, iteration):
+        generator = torch.Generator().manual_seed(seeds.seed("dual_prompts", cfg.seed, iteration))
+        chosen = torch.randperm(len(context.task.prompts), generator=generator)[: cfg.algorithm.dual_prompts].tolist()
+        mine = distributed.shard(chosen)
+        if not mine:
+            return torch.zeros(len(context.names)), 0
+        seed = seeds.seed("dual_rollouts", cfg.seed, iteration, rank=distributed.rank())
+        _, scores = context.sample_and_score(policy, mine, cfg.algorithm.dual_samples, seed)
+        return scores[1:].sum(-1), scores.shape[-1]
+
+    return estimate, context.reference_mean, context.threshold
+
+
+def exact_estimator(context: RunContext):
+    """The exact E_pi[g] against the exact E_ref[g] (dual_estimator=exact)."""
+    enumeration = context.require_enumeration("algorithm.dual_estimator=exact")
+    instance = enumeration.oracle.instance
+
+    def estimate(policy, iteration):
+        prompts = torch.tensor(distributed.shard(list(range(instance.reward.shape[0]))), dtype=torch.long)
+        with torch.no_grad(), timing.stage("exact evaluation (enumeration)"):
+            prob = enumeration.logprobs(policy, prompts).double().exp()
+        per_prompt = (prob * instance.utility[:, prompts]).sum(-1)  # exact E_pi[g | x], [m, prompts of this rank]
+        # one unit per prompt: summed and counted over ranks, the mean is the exact E_pi[g]
+        return per_prompt.sum(-1).float(), len(prompts)
+
+    return estimate, instance.reference_mean, instance.threshold
+
+
+ESTIMATORS = {"rollout": rollout_estimator, "exact": exact_estimator}
+
+
+def step_sizes(cfg) -> torch.Tensor:
+    return torch.tensor([c.step_size if c.step_size is not None else cfg.algorithm.step_size
+                         for c in cfg.constraints.values()])
+
+
+def initial_multipliers(context: RunContext, algorithm: AlgorithmSpec) -> torch.Tensor:
+    """A constraint's own initial_multiplier, else algorithm.initial_multiplier, else the one-shot lambda* where the
+    algorithm warm-starts, else 0."""
+    cfg, values = context.cfg, []
+    for i, constraint in enumerate(cfg.constraints.values()):
+        if constraint.initial_multiplier is not None:
+            values.append(constraint.initial_multiplier)
+        elif cfg.algorithm.initial_multiplier is not None:
+            values.append(cfg.algorithm.initial_multiplier)
+        else:
+            values.append(context.one_shot[i].item() if algorithm.warm_start else 0.0)
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def train_policy(context: RunContext, algorithm: AlgorithmSpec, multipliers: torch.Tensor, iterations: int, epochs: int,
+                 output_dir: Path, logger=None, ckpt_path: str | None = None, checkpoint: bool = False,
+                 evaluator=None, callbacks: list | None = None) -> Trained:
+    """Train a fresh copy of pi_ref for iterations x epochs epochs at `multipliers`, which the algorithm's trigger
+    updates (after every iteration, every k optimiser steps, or never: the constraint is then measured at the end)."""
+    cfg = context.cfg
+    policy = context.task.new_policy(context)
+    policy.train()
+    step, data = POLICY_STEPS[cfg.policy_step.name](context, epochs)
+    estimator, reference_mean, threshold = ESTIMATORS[cfg.algorithm.dual_estimator](context)
+    dual = DualUpdate(
+        estimator, context.names, reference_mean, threshold, step_sizes(cfg), epochs,
+        update=algorithm.updates_multipliers, max_multiplier=cfg.algorithm.max_multiplier, evaluator=evaluator,
+        rule=cfg.algorithm.dual_rule,
+        every_n_steps=cfg.algorithm.dual_every_steps if algorithm.trigger == Trigger.steps else None,
+    )
+    module = AlignmentModule(policy, step, multipliers, cfg.optimizer, epochs)
+    callbacks = [dual, *(callbacks or []), *extra_callbacks]
+    if checkpoint:  # every rank holds the callback (ranks must agree on it); Lightning writes on rank 0
+        module.config_fingerprint = checkpoints.fingerprint(cfg)
+        callbacks.append(checkpoints.callback(output_dir / "checkpoints"))
+    trainer = L.Trainer(
+        max_epochs=iterations * epochs, accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.num_nodes, strategy=cfg.trainer.strategy,
+        precision=cfg.trainer.precision, log_every_n_steps=cfg.trainer.log_every_n_steps,
+        gradient_clip_val=cfg.trainer.gradient_clip_val, enable_progress_bar=cfg.trainer.enable_progress_bar,
+        accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
+        logger=logger if logger is not None else False, callbacks=callbacks, enable_checkpointing=checkpoint,
+        enable_model_summary=False, default_root_dir=output_dir, num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # EpochShuffle shards by rank itself (same batches as one process)
+        reload_dataloaders_every_n_epochs=epochs if cfg.policy_step.pairs_from == "policy" else 0,
+    )
+    with timing.stage(f"{step.__class__.__name__} policy steps (Lightning fit)"), lifecycle.fitting():
+        if isinstance(data, L.LightningDataModule):
+            trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        else:
+            trainer.fit(module, train_dataloaders=data, ckpt_path=ckpt_path)
+    policy.eval()
+    return Trained(policy, dual, module)
