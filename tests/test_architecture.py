@@ -139,3 +139,8 @@ def test_config_options_list_only_what_they_change():
                 if value == getattr(instance, key):
                     repeated.append(f"{path.relative_to(ROOT)}: {key}: {value!r}")
     assert not repeated, repeated
+
+
+def test_the_main_config_holds_no_values_of_its_own():
+    """conf/train.yaml only lists the groups: every top-level default lives in TrainConfig."""
+    assert set(yaml.safe_load((CONF / "train.yaml").read_text())) == {"defaults"}
