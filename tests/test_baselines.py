@@ -23,6 +23,15 @@ def test_log_space_step_follows_safe_rlhf():
     assert (log_space_dual_step(torch.tensor([1.0]), torch.tensor([50.0]), 0.1) > 0).all()  # never negative
 
 
+def test_primal_dual_updates_once_per_k_optimiser_steps_under_gradient_accumulation(make_cfg, tmp_path):
+    """6 micro-batches, 2 per optimiser step: 3 optimiser steps and, with k = 1, 3 dual steps.
+    (Every micro-batch that ended on a multiple of k used to fire one: 6 dual steps, the first at step 0.)"""
+    run(make_cfg("experiment=primal_dual", "algorithm.iterations=1", "policy_step.steps_per_epoch=6",
+                 "policy_step.samples_per_prompt=2", "algorithm.dual_every_steps=1", "trainer.accumulate_grad_batches=2"))
+    history = json.loads((tmp_path / "run" / "summary.json").read_text())["trajectory"]
+    assert len(history) == 3
+
+
 def test_projected_option_for_primal_dual_projects_and_caps():
     assert torch.equal(projected_dual_step(torch.tensor([0.2, 4.0]), torch.tensor([1.0, -3.0]), 0.5, 5.0),
                        torch.tensor([0.0, 5.0]))

@@ -47,6 +47,7 @@ class DualUpdate(L.Callback):
         self.iteration = 0
         self.history: list[dict] = []
         self._running = None  # (sum [m], count) since the last step-triggered update
+        self._updated_at = 0  # the optimiser step of the last step-triggered update
         self._warned: set[str] = set()  # constraints already reported out of reach
 
     def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
@@ -82,9 +83,11 @@ class DualUpdate(L.Callback):
             self._running = (total, count)
         else:
             self._running = (self._running[0] + total, self._running[1] + count)
-        if trainer.global_step % self.every_n_steps == 0:
+        # once per k optimiser steps: with gradient accumulation several micro-batches end on the same global step
+        step = trainer.global_step
+        if step > self._updated_at and step % self.every_n_steps == 0:
             self._dual_step(trainer, module, *self._running)
-            self._running = None
+            self._running, self._updated_at = None, step
 
     def _dual_step(self, trainer: L.Trainer, module: L.LightningModule, total: torch.Tensor, count) -> None:
         # sums and counts, reduced across ranks, so every rank takes the same step
@@ -152,6 +155,7 @@ class DualUpdate(L.Callback):
             "reference_mean": self.reference_mean,
             "threshold": self.threshold,
             "running": self._running,
+            "updated_at": self._updated_at,
             "rng": rng_state(),
         }
 
@@ -159,6 +163,7 @@ class DualUpdate(L.Callback):
         self.iteration, self.history = state["iteration"], list(state["history"])
         self.reference_mean, self.threshold = state["reference_mean"], state["threshold"]
         self._running = state.get("running")
+        self._updated_at = state.get("updated_at", 0)
         if "rng" in state:
             set_rng_state(state["rng"])
 
