@@ -3,11 +3,12 @@ import json
 import math
 from types import SimpleNamespace
 
+import pytest
 import torch
 
-from dualign.config import validate
-from dualign.core.duality import log_space_dual_step, projected_dual_step
 from dualign import tasks
+from dualign.config import ConfigError, validate
+from dualign.core.duality import log_space_dual_step, projected_dual_step
 from dualign.run import run
 from dualign.training.fit import PairData
 
@@ -78,3 +79,23 @@ def test_safety_only_run_has_no_constraint_and_raises_the_utility(make_cfg, tmp_
     assert summary["constraints"] == [] and summary["final_multipliers"] == []
     assert summary["final"]["scores"]["utility_0"]["improvement"] > 0.05  # DPO_s optimises the utility itself
     assert summary["final"]["scores"]["reward"]["improvement"] < 0  # ... at helpfulness' expense (negatively correlated)
+
+
+@pytest.mark.parametrize("pairs, labels", [("all", "hard"), ("listwise", "soft")])
+def test_grouped_policy_steps_train_on_groups_of_a_prompts_responses(make_cfg, tmp_path, pairs, labels):
+    """policy_step.pairs=all | listwise: groups of 8 of a prompt's 64 pi_ref responses, reference log-probs once per
+    response; a CAID run with them moves lambda and ends near b."""
+    overrides = (f"policy_step.pairs={pairs}", f"policy_step.labels={labels}", "policy_step.group_size=8",
+                 "policy_step.batch_size=16")
+    context = tasks.build(validate(make_cfg(*overrides))).prepare()
+    groups = context.pairs.tensors
+    assert groups["input_ids"].shape[:2] == (16 * 64 // 8, 8) and groups["ref_logps"].shape == (128, 8)
+    assert groups["utility"].shape == (128, 1, 8)
+    run(make_cfg(*overrides))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert len(summary["trajectory"]) == 2 and summary["final_multipliers"] != summary["initial_multipliers"]
+
+
+def test_a_group_size_that_does_not_divide_the_responses_is_refused(make_cfg):
+    with pytest.raises(ConfigError, match=r"policy_step.group_size=48: prompts hold \[64\] responses, not a multiple"):
+        tasks.build(validate(make_cfg("policy_step.pairs=all", "policy_step.group_size=48"))).prepare()

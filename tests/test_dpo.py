@@ -68,3 +68,39 @@ def test_metrics_follow_trl_names():
                             "logps/chosen", "logps/rejected"}
     assert torch.isclose(metrics["rewards/chosen"], torch.tensor(0.15))  # y1 of pair 0, y0 of pair 1
     assert metrics["rewards/accuracies"] == 1.0
+
+
+def test_all_pairs_loss_is_the_mean_pairwise_dpo_loss_over_every_pair_of_a_group():
+    import itertools
+
+    from dualign.core.dpo import all_pairs_loss
+
+    torch.manual_seed(0)
+    log_ratio, composite, beta = torch.randn(3, 5), torch.randn(3, 5), 0.7
+    valid = torch.ones(3, 5, dtype=torch.bool)
+    valid[2, 3:] = False  # a short group: its padding slots take part in no pair
+    expected = []
+    for g in range(3):
+        members = [i for i in range(5) if valid[g, i]]
+        losses = [dpo_loss(log_ratio[g, j:j + 1] - log_ratio[g, i:i + 1],
+                           torch.sigmoid(composite[g, j:j + 1] - composite[g, i:i + 1]), beta)
+                  for i, j in itertools.combinations(members, 2)]
+        expected.append(torch.cat(losses).mean())
+    assert torch.allclose(all_pairs_loss(log_ratio, composite, beta, valid), torch.stack(expected), atol=1e-6)
+    # with two responses a group is one consecutive pair: the paper's loss
+    pair = all_pairs_loss(log_ratio[:, :2], composite[:, :2], beta)
+    assert torch.allclose(pair, dpo_loss(log_ratio[:, 1] - log_ratio[:, 0],
+                                         torch.sigmoid(composite[:, 1] - composite[:, 0]), beta), atol=1e-6)
+
+
+def test_listwise_loss_is_minimised_by_the_tilted_log_ratios():
+    """Its gradient vanishes where log pi/pi_ref = r_lambda / beta + c on the sample set, and only there."""
+    from dualign.core.dpo import listwise_loss
+
+    composite, beta = torch.randn(2, 6), 0.5
+    at_optimum = (composite / beta + 3.0).requires_grad_(True)
+    listwise_loss(at_optimum, composite, beta).sum().backward()
+    assert at_optimum.grad.abs().max() < 1e-6
+    elsewhere = torch.randn(2, 6, requires_grad=True)
+    listwise_loss(elsewhere, composite, beta).sum().backward()
+    assert elsewhere.grad.abs().max() > 1e-3

@@ -30,6 +30,12 @@ class PairSource(StrEnum):
     dataset = "dataset"  # the dataset's own responses (text tasks)
 
 
+class PairScheme(StrEnum):
+    consecutive = "consecutive"  # each response meets the next one of its prompt (the paper)
+    all = "all"  # every pair among a group's responses
+    listwise = "listwise"  # cross-entropy of softmax(r_lambda / beta) against softmax(log pi/pi_ref) over a group
+
+
 class DualRule(StrEnum):
     projected = "projected"  # lambda <- max(0, lambda - eta u)
     log = "log"  # ln lambda += alpha lambda (-u) (Safe RLHF)
@@ -146,15 +152,21 @@ class AlgorithmConfig:
 class PolicyStepConfig:
     """One section for the three steps; each key says which step reads it (conf/policy_step/*.yaml set them)."""
     name: PolicyStepName = PolicyStepName.dpo
-    batch_size: int = 64  # dpo: pairs per micro-batch; exact and policy_gradient: prompts per step
+    batch_size: int = 64  # dpo: pairs (consecutive) or groups (all, listwise) per micro-batch; exact, policy_gradient: prompts
     labels: Labels = Labels.soft  # dpo
     pairs_from: PairSource = PairSource.reference  # dpo
+    pairs: PairScheme = PairScheme.consecutive  # dpo: which pairs of the responses the loss compares
+    group_size: Optional[int] = None  # dpo with all / listwise: responses per group (None: all of a prompt's)
     steps_per_epoch: int = 50  # exact and policy_gradient: passes over the prompts in one epoch
     samples_per_prompt: int = 8  # policy_gradient: K responses per prompt for the RLOO estimator
 
     def check(self, cfg: "TrainConfig") -> None:
         positive("policy_step.batch_size", self.batch_size)
         positive("policy_step.steps_per_epoch", self.steps_per_epoch)
+        if self.group_size is not None and self.group_size < 2:
+            raise ConfigError(f"policy_step.group_size={self.group_size} must be null or >= 2 (a group holds pairs)")
+        if self.pairs == PairScheme.listwise and self.labels == Labels.hard:
+            raise ConfigError("policy_step.labels=hard has no listwise form; use policy_step.pairs=all or consecutive")
         if self.samples_per_prompt < 2:
             raise ConfigError(f"policy_step.samples_per_prompt={self.samples_per_prompt} must be >= 2 (leave-one-out baseline)")
 

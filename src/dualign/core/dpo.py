@@ -64,3 +64,49 @@ def dpo_metrics(log_ratio: torch.Tensor, logps: torch.Tensor, preference: torch.
         "logps/chosen": pick(logps, True).mean(),
         "logps/rejected": pick(logps, False).mean(),
     }
+
+
+def all_pairs_loss(log_ratio: torch.Tensor, composite: torch.Tensor, beta: float, valid: torch.Tensor | None = None,
+                   labels: torch.Tensor | None = None) -> torch.Tensor:
+    """The pseudo-preference DPO loss over every pair of a group's K responses, [G] (docs/method.md section 4.2).
+
+    log_ratio, composite [G, K]: log pi/pi_ref and r_lambda of each response; valid [G, K]: which slots hold a response.
+    Every unordered pair i < j of one group counts once, with soft label p_ij = sigmoid(r_i - r_j) (or `labels`
+    [G, K, K], hard 0/1 labels for i over j). For K i.i.d. pi_ref samples the mean over pairs is a U-statistic: an
+    unbiased estimate of the population loss E_{y, y' ~ pi_ref} l(y, y'), whose minimiser is the tilted policy.
+    """
+    margin = beta * (log_ratio.unsqueeze(2) - log_ratio.unsqueeze(1))  # [G, K, K]: i over j
+    preference = torch.sigmoid(composite.unsqueeze(2) - composite.unsqueeze(1)) if labels is None else labels
+    pair_loss = -(preference * F.logsigmoid(margin) + (1 - preference) * F.logsigmoid(-margin))
+    K = log_ratio.shape[1]
+    upper = torch.ones(K, K, dtype=torch.bool, device=log_ratio.device).triu(1)
+    mask = upper.unsqueeze(0) if valid is None else upper & valid.unsqueeze(2) & valid.unsqueeze(1)
+    mask = mask.expand_as(pair_loss)
+    return (pair_loss * mask).sum((1, 2)) / mask.sum((1, 2)).clamp(min=1)
+
+
+def listwise_loss(log_ratio: torch.Tensor, composite: torch.Tensor, beta: float,
+                  valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy between softmax(r_lambda / beta) and softmax(log pi/pi_ref) over a group's K responses, [G].
+    Its minimiser on every sample set has log pi/pi_ref = r_lambda / beta + c: the tilted policy."""
+    if valid is not None:
+        log_ratio = log_ratio.masked_fill(~valid, float("-inf"))
+        composite = composite.masked_fill(~valid, float("-inf"))
+    target = torch.softmax(composite / beta, dim=-1)
+    log_model = torch.log_softmax(log_ratio, dim=-1)
+    return -(target * torch.where(target > 0, log_model, torch.zeros_like(log_model))).sum(-1)
+
+
+def group_metrics(log_ratio: torch.Tensor, composite: torch.Tensor, beta: float,
+                  valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """TRL-style metrics over every pair of a group, `chosen` being the response with the higher r_lambda."""
+    K = log_ratio.shape[1]
+    upper = torch.ones(K, K, dtype=torch.bool, device=log_ratio.device).triu(1)
+    mask = upper.unsqueeze(0) if valid is None else upper & valid.unsqueeze(2) & valid.unsqueeze(1)
+    mask = mask.expand(log_ratio.shape[0], K, K)
+    first_wins = composite.unsqueeze(2) >= composite.unsqueeze(1)
+    reward = beta * log_ratio
+    chosen = torch.where(first_wins, reward.unsqueeze(2), reward.unsqueeze(1).expand(-1, K, -1))[mask]
+    rejected = torch.where(first_wins, reward.unsqueeze(1).expand(-1, K, -1), reward.unsqueeze(2))[mask]
+    return {"rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
+            "rewards/margins": (chosen - rejected).mean(), "rewards/accuracies": (chosen > rejected).float().mean()}

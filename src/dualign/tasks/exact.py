@@ -15,7 +15,7 @@ from dualign.models.scorers import ScorerSet
 from dualign.tasks.base import reference_statistics, thresholds
 from dualign.tasks.exact_problem import ExactProblem, reference_policy
 from dualign.training.context import Enumeration, RunContext
-from dualign.training.data import preference_pairs
+from dualign.training.data import policy_step_data
 from dualign.training.module import autocast_dtype
 from dualign.util import timing
 
@@ -67,9 +67,9 @@ class ExactTask:
 
     def pairs(self, context: RunContext, rollouts, scores: torch.Tensor, cache_key: dict | None = None):
         cfg = self.cfg
-        return preference_pairs(self.prompt_token_ids, rollouts, scores, context.reference, self.tokenizer.pad_token_id,
-                                cfg.algorithm.iterations, cfg.seed, self.allowed_token_ids, batch_size=1024,
-                                autocast_dtype=autocast_dtype(cfg.trainer.precision))
+        return policy_step_data(cfg.policy_step, self.prompt_token_ids, rollouts, scores, context.reference,
+                                self.tokenizer.pad_token_id, cfg.algorithm.iterations, cfg.seed, self.allowed_token_ids,
+                                batch_size=1024, autocast_dtype=autocast_dtype(cfg.trainer.precision))
 
     def evaluator(self, context: RunContext) -> "ExactEvaluator":
         return ExactEvaluator(context.enumeration, self.problem)

@@ -25,7 +25,7 @@ from dualign.tasks.text_cache import reference_logps, scored_rollouts
 from dualign.tasks.text_data import load_split
 from dualign.tasks.text_evaluation import TextEvaluator
 from dualign.training.context import RunContext
-from dualign.training.data import preference_pairs
+from dualign.training.data import policy_step_data
 from dualign.training.module import autocast_dtype
 from dualign.util import seeds
 
@@ -120,8 +120,8 @@ class TextTask:
         """DPO pairs with reference log-probabilities, cached on disk under cache_key (None: computed here)."""
         cfg = self.cfg
         ref_logps = None if cache_key is None else reference_logps(cfg, self, context.reference, rollouts, cache_key)
-        return preference_pairs(self.prompt_token_ids, rollouts, scores, context.reference, self.tokenizer.pad_token_id,
-                                cfg.algorithm.iterations, cfg.seed, None, ref_logps=ref_logps,
+        return policy_step_data(cfg.policy_step, self.prompt_token_ids, rollouts, scores, context.reference,
+                                self.tokenizer.pad_token_id, cfg.algorithm.iterations, cfg.seed, None, ref_logps=ref_logps,
                                 batch_size=2 * cfg.policy_step.batch_size,
                                 autocast_dtype=autocast_dtype(cfg.trainer.precision))
 

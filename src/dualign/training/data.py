@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dualign.core.dpo import response_logprobs
+from dualign.errors import ConfigError
 from dualign.util import distributed, seeds
 from dualign.util.timing import stage
 
@@ -138,6 +139,47 @@ def preference_pairs(
             "label_uniform": torch.stack(uniforms, dim=1),
         }
     )
+
+
+def response_groups(prompt_ids: list[list[int]], rollouts, scores: torch.Tensor, reference, pad_id: int,
+                    group_size: int | None = None, allowed_token_ids: torch.Tensor | None = None,
+                    ref_logps: torch.Tensor | None = None, batch_size: int = 1024,
+                    autocast_dtype: torch.dtype | None = None) -> TensorBatches:
+    """Groups of responses to one prompt for the all-pairs and listwise policy steps: [G, K, ...] tensors, a group
+    being the rollouts of one prompt (in prompt-major order), or consecutive chunks of `group_size` of them. Reference
+    log-probabilities are computed once per response (or given, from a cache), not once per pair."""
+    prompt_index = rollouts.prompt_index
+    starts = [0] + [i for i in range(1, len(prompt_index)) if prompt_index[i] != prompt_index[i - 1]]
+    counts = torch.diff(torch.tensor(starts + [len(prompt_index)]))
+    size = group_size or int(counts.max())
+    if (counts % size).any():
+        raise ConfigError(f"policy_step.group_size={size}: prompts hold {sorted(set(counts.tolist()))} responses, not a "
+                          "multiple of it; set a divisor (2: pairs)")
+    if len(set(prompt_index[starts].tolist())) != len(starts):
+        raise ValueError("rollouts must hold each prompt's responses together (prompt-major order)")
+    input_ids, attention_mask, response_mask = tokenized(prompt_ids, rollouts, pad_id)
+    if ref_logps is None:
+        with stage("reference log-probs"):
+            ref_logps = sequence_logprobs(reference, input_ids, attention_mask, response_mask, allowed_token_ids,
+                                          batch_size, autocast_dtype)
+    group = lambda t: t.reshape(-1, size, *t.shape[1:])  # noqa: E731  (prompt-major: chunks never straddle prompts)
+    return TensorBatches({
+        "input_ids": group(input_ids), "attention_mask": group(attention_mask), "response_mask": group(response_mask),
+        "ref_logps": group(ref_logps), "reward": group(scores[0]),
+        "utility": group(scores[1:].transpose(0, 1)).transpose(1, 2),  # [G, m, K]
+        "group_index": torch.arange(len(prompt_index) // size),
+    })
+
+
+def policy_step_data(policy_step, prompt_ids, rollouts, scores, reference, pad_id: int, num_iterations: int,
+                     seed: int, allowed_token_ids=None, ref_logps=None, batch_size: int = 1024,
+                     autocast_dtype=None) -> TensorBatches:
+    """The DPO step's data as policy_step.pairs asks: consecutive pairs, or groups of a prompt's responses."""
+    if policy_step.pairs == "consecutive":
+        return preference_pairs(prompt_ids, rollouts, scores, reference, pad_id, num_iterations, seed, allowed_token_ids,
+                                ref_logps=ref_logps, batch_size=batch_size, autocast_dtype=autocast_dtype)
+    return response_groups(prompt_ids, rollouts, scores, reference, pad_id, policy_step.group_size, allowed_token_ids,
+                           ref_logps=ref_logps, batch_size=batch_size, autocast_dtype=autocast_dtype)
 
 
 def prompt_batches(num_prompts: int, steps_per_epoch: int) -> TensorBatches:

@@ -15,7 +15,7 @@ from dualign.training.context import RunContext
 from dualign.training.data import loader, prompt_batches, tokenized
 from dualign.training.dual_callback import DualUpdate
 from dualign.training.module import AlignmentModule
-from dualign.training.policy_steps import DPOStep, ExactStep, PolicyGradientStep
+from dualign.training.policy_steps import DPOStep, ExactStep, GroupDPOStep, PolicyGradientStep
 from dualign.util import distributed, lifecycle, seeds, timing
 
 extra_callbacks: list[L.Callback] = []  # given to every Trainer of the process (tools/faults.py installs one)
@@ -51,8 +51,12 @@ def _prompts(context: RunContext):
 
 
 def _dpo(context: RunContext, epochs: int):
-    cfg = context.cfg
-    return DPOStep(cfg.beta, cfg.policy_step.labels, context.task.allowed_token_ids), PairData(context, epochs)
+    cfg, allowed = context.cfg, context.task.allowed_token_ids
+    if cfg.policy_step.pairs == "consecutive":
+        step = DPOStep(cfg.beta, cfg.policy_step.labels, allowed)
+    else:
+        step = GroupDPOStep(cfg.beta, cfg.policy_step.pairs, cfg.policy_step.labels, allowed, cfg.seed)
+    return step, PairData(context, epochs)
 
 
 def _exact(context: RunContext, epochs: int):

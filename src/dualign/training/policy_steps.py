@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from dualign.core.dpo import dpo_loss, dpo_metrics, preference_probability, response_logprobs
+from dualign.core.dpo import (all_pairs_loss, dpo_loss, dpo_metrics, group_metrics, listwise_loss,
+                              preference_probability, response_logprobs)
 from dualign.core.duality import composite_reward
 from dualign.util import seeds
 
@@ -37,6 +38,43 @@ class DPOStep:
             preference = (batch["label_uniform"][:, iteration] < preference).to(preference.dtype)
         loss = dpo_loss(log_ratio[:, 1] - log_ratio[:, 0], preference, self.beta).mean()
         return loss, dpo_metrics(log_ratio.detach(), logps.detach(), preference, self.beta)
+
+
+class GroupDPOStep:
+    """The pseudo-preference objective over every pair of a group's K responses (`all`), or the listwise
+    cross-entropy between softmax(r_lambda / beta) and softmax(log pi/pi_ref) over them (`listwise`).
+
+    Batches carry input_ids, attention_mask and response_mask [G, K, T], ref_logps and reward [G, K], utility
+    [G, m, K] and group_index [G]. The K log-ratios come from K sequences (one forward pass each), the K x K margins
+    and labels from them at no further model cost. Hard labels (all pairs): Bernoulli(p_ij) per pair, drawn from a
+    seed of (run seed, iteration, group), so they are re-drawn for every lambda yet a resumed run draws the same.
+    """
+
+    def __init__(self, beta: float, objective: str = "all", labels: str = "soft",
+                 allowed_token_ids: torch.Tensor | None = None, seed: int = 0):
+        self.beta, self.objective, self.labels, self.allowed_token_ids, self.seed = beta, objective, labels, allowed_token_ids, seed
+
+    def __call__(self, policy, batch, multipliers, iteration, global_step=0):
+        width = int(batch["attention_mask"].sum(-1).max())  # right-padded to the dataset's longest row
+        groups, size = batch["input_ids"].shape[:2]
+        flat = lambda t: t[..., :width].reshape(groups * size, width)  # noqa: E731
+        logits = policy(input_ids=flat(batch["input_ids"]), attention_mask=flat(batch["attention_mask"])).logits
+        logps = response_logprobs(logits, flat(batch["input_ids"]), flat(batch["response_mask"]), self.allowed_token_ids)
+        log_ratio = logps.view(groups, size) - batch["ref_logps"]
+        composite = composite_reward(batch["reward"], batch["utility"].movedim(1, 0), multipliers.float())
+        if self.objective == "listwise":
+            loss = listwise_loss(log_ratio, composite, self.beta)
+        else:
+            loss = all_pairs_loss(log_ratio, composite, self.beta, labels=self._hard_labels(batch, composite, iteration))
+        return loss.mean(), group_metrics(log_ratio.detach(), composite, self.beta)
+
+    def _hard_labels(self, batch, composite, iteration):
+        if self.labels != "hard":
+            return None
+        size = composite.shape[1]
+        uniforms = torch.stack([torch.rand(size, size, generator=torch.Generator().manual_seed(
+            seeds.seed("group_labels", self.seed, iteration * 1_000_000 + int(g)))) for g in batch["group_index"]])
+        return (uniforms.to(composite.device) < torch.sigmoid(composite.unsqueeze(2) - composite.unsqueeze(1))).float()
 
 
 class ExactStep:

@@ -11,6 +11,7 @@ STREAMS = {  # name: (base, stride per unit of the run's seed)
     "exact_sft_batches": (40_000, 1),  # the SFT minibatches (data.seed)
     "reference_prompts": (10_000, 1),  # which training prompts get pi_ref rollouts (reference.prompts)
     "pair_labels": (50_000, 1_000),  # hard labels: one column of uniforms per iteration
+    "group_labels": (110_000, 1_000),  # hard labels of all pairs: one draw per (iteration, group)
     "dual_prompts": (60_000, 1_000),  # the Q prompts of an on-policy dual step
     "dual_rollouts": (70_000, 1_000),  # its K responses per prompt
     "policy_gradient": (80_000, 1_000_003),  # the policy-gradient step's samples, per optimiser step
