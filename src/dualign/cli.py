@@ -15,8 +15,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from dualign.config import validate
 from dualign.errors import InputError
-from dualign.run import run
 from dualign.util.lifecycle import Terminated
 
 # ${uid:} in run folder names: runs started in the same second never share a folder. Cached, so a process resolves
@@ -61,5 +61,14 @@ def hydra_entry(job: Callable[[DictConfig], dict]) -> None:
     hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")(lambda cfg: _guarded(job, cfg))()
 
 
+def train(cfg: DictConfig) -> dict:
+    validate(cfg)  # a config error is one line in a second, before the job's libraries are loaded
+    # deferred on purpose: the job imports torch, transformers, lightning and mlflow (about 8 s); --cfg, --help,
+    # --multirun's sweep setup and config errors answer without them
+    from dualign.run import run
+
+    return run(cfg)
+
+
 def main() -> None:
-    hydra_entry(run)
+    hydra_entry(train)

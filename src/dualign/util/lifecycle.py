@@ -9,8 +9,6 @@ import contextlib
 import signal
 import threading
 
-from lightning.pytorch.utilities.exceptions import SIGTERMException
-
 
 class Terminated(BaseException):
     """The job was asked to stop (SIGTERM). BaseException, like KeyboardInterrupt: no `except Exception` swallows it."""
@@ -32,6 +30,8 @@ def _on_sigterm(signum, frame):
 @contextlib.contextmanager
 def fitting():
     """Around trainer.fit: SIGTERM is Lightning's to handle (it raises SIGTERMException, mapped to Terminated)."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException  # here: the command line needs no torch
+
     _in_fit.set()
     try:
         yield
