@@ -119,6 +119,21 @@ def test_strong_duality_on_enumerated_instance(m):
     assert evaluation["tv_to_optimum"] < 1e-12
 
 
+@pytest.mark.parametrize("m", [1, 2])
+def test_the_gap_to_the_optimum_splits_into_distance_to_pi_star_and_missed_constraints(m):
+    """P* - J = beta KL(pi || pi*) + lambda* . (a - b) for any policy, exactly; both parts vanish at pi*."""
+    reward, utility, _, _, beta, log_base = random_instance(6, m)
+    oracle = ExactOracle(Instance(log_base, reward, utility, beta, torch.full((m,), 0.25)))
+    for scale in (0.0, 0.5, 3.0):  # pi_ref, and two policies either side of pi*
+        logprob = (log_base + scale * reward).log_softmax(-1)
+        evaluation = oracle.evaluate(logprob)
+        assert evaluation["objective_gap"] == pytest.approx(
+            evaluation["gap_from_kl"] + evaluation["gap_from_constraints"], abs=1e-9)
+        assert evaluation["gap_from_kl"] >= 0
+    at_optimum = oracle.evaluate(oracle.optimum().logprob)
+    assert abs(at_optimum["gap_from_kl"]) < 1e-10 and abs(at_optimum["gap_from_constraints"]) < 1e-7
+
+
 def test_tilted_policy_is_normalised_and_tilts_towards_the_composite_reward():
     reward, utility, _, _, beta, log_base = random_instance(7, 1)
     logw = tilted_log_weights(reward, utility, torch.tensor([0.0]), beta, log_base)

@@ -71,7 +71,9 @@ class ExactOracle:
         return dual_terms(i.reward, i.utility, i.reference_mean, i.threshold, lam, i.beta, i.ref_logprob).value.item()
 
     def evaluate(self, logprob: torch.Tensor) -> dict[str, float | list[float]]:
-        """Exact E[r], E[g_i], improvements, KL to pi_ref, objective J = E[r] - beta KL, TV to pi*."""
+        """Exact E[r], E[g_i], improvements, KL to pi_ref, objective J = E[r] - beta KL, TV to pi*, and P* - J split
+        exactly as beta KL(pi || pi*) + lambda* . (a - b): pi* maximises the Lagrangian at lambda*, whose value at pi
+        is P* - beta KL(pi || pi*), and lambda* . (a* - b) = 0 (complementary slackness)."""
         i = self.instance
         logprob = torch.as_tensor(logprob, dtype=torch.float64)
         logprob = logprob - torch.logsumexp(logprob, -1, keepdim=True)  # guard against float32 drift
@@ -82,13 +84,18 @@ class ExactOracle:
         improvement = utility - i.reference_mean
         optimum = self.optimum()
         tv = 0.5 * (prob - optimum.logprob.exp()).abs().sum(-1).mean().item()
+        kl_to_optimum = (prob * (logprob - optimum.logprob)).sum(-1).mean().item()
+        slack = improvement - i.threshold
         return {
             "reward": reward,
             "utility": utility.tolist(),
             "improvement": improvement.tolist(),
-            "slack": (improvement - i.threshold).tolist(),
+            "slack": slack.tolist(),
             "kl": kl,
             "objective": reward - i.beta * kl,
             "objective_gap": optimum.value - (reward - i.beta * kl),  # P* - J
             "tv_to_optimum": tv,
+            "kl_to_optimum": kl_to_optimum,
+            "gap_from_kl": i.beta * kl_to_optimum,  # beta KL(pi || pi*): how far the policy is from pi*
+            "gap_from_constraints": (optimum.multipliers.double() * slack).sum().item(),  # lambda* . (a - b)
         }

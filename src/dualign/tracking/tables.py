@@ -82,7 +82,11 @@ def gaps(summary: RunSummary) -> list[str]:
             line += f" ({'met' if achieved >= b[i] else 'NOT met'}; 95% CI of the improvement +- {ci:.2f})"
         lines.append(line)
     if optimum:
-        lines.append(f"P* - J: {summary.gaps['objective']:.4f} (std of r under pi_ref: {optimum['reference_reward_std']:.4f})")
+        line = f"P* - J: {summary.gaps['objective']:.4f}"
+        if "gap_from_kl" in summary.final:  # the exact split: distance to pi*, and what missing b bought
+            line += (f" = beta KL(pi || pi*) {summary.final['gap_from_kl']:.4f} + lambda* (a - b) "
+                     f"{summary.final['gap_from_constraints']:.4f}")
+        lines.append(f"{line} (std of r under pi_ref: {optimum['reference_reward_std']:.4f})")
     return lines
 
 
