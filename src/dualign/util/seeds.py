@@ -1,7 +1,9 @@
-"""Named seed streams: every random draw of a run comes from `seed(stream, run_seed, step, rank)`, so two streams never
-share a seed and a stream's draws do not depend on how many draws another stream made (a resumed run, a longer
-run, another rank count draw the same). Seed = base + stride * run_seed + step + 7_919 * rank (7_919, a prime, keeps
-ranks apart from steps)."""
+"""Named seed streams: every seeded draw of a run comes from `seed(stream, run_seed, step, rank)`, so a stream's draws
+depend only on its own (run seed, step, rank), never on how many draws another stream made: a resumed run, a longer
+run or another rank count draws the same. Seed = base + stride * run_seed + step + 7_919 * rank (7_919, a prime,
+keeps ranks apart from steps). The bases are the offsets the code used before they had names, kept so that every
+figure stays the same; two streams may therefore meet on an integer (exact_tables and reference_prompts share theirs),
+which is harmless because they seed different kinds of draw."""
 from __future__ import annotations
 
 STREAMS = {  # name: (base, stride per unit of the run's seed)
