@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def measure(overrides: list[str], scheme: str, seed: int, cache: str, group_size: int, groups: int) -> dict:
     if scheme != "consecutive":  # the same 128 sequences per optimiser step as 64 consecutive pairs
-        overrides = [f"policy_step.group_size={group_size}", f"policy_step.batch_size={groups}", *overrides]
+        size = group_size or "null"  # 0: every response of a prompt in one group
+        overrides = [f"policy_step.group_size={size}", f"policy_step.batch_size={groups}", *overrides]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = validate(compose(config_name="train", overrides=[
             f"paths.output_dir={tempfile.mkdtemp()}", f"paths.cache_dir={cache}", "logger=none",
@@ -65,7 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--schemes", nargs="+", default=["consecutive", "all", "listwise"])
-    parser.add_argument("--group-size", type=int, default=8, help="responses per group (all, listwise)")
+    parser.add_argument("--group-size", type=int, default=8, help="responses per group (all, listwise); 0: all of a prompt's")
     parser.add_argument("--groups", type=int, default=16, help="groups per micro-batch (all, listwise)")
     args, overrides = parser.parse_known_args()
     torch.set_num_threads(2)

@@ -89,8 +89,14 @@ def test_grouped_policy_steps_train_on_groups_of_a_prompts_responses(make_cfg, t
                  "policy_step.batch_size=16")
     context = tasks.build(validate(make_cfg(*overrides))).prepare()
     groups = context.pairs.tensors
-    assert groups["input_ids"].shape[:2] == (16 * 64 // 8, 8) and groups["ref_logps"].shape == (128, 8)
-    assert groups["utility"].shape == (128, 1, 8)
+    assert groups["input_ids"].shape[0] == 16 * 64 // 8 and groups["input_ids"].shape[1] <= 8
+    assert groups["utility"].shape == (128, 1, groups["input_ids"].shape[1])
+    # identical samples of a group are one response with a count; the counts are the group's 8 samples
+    count = groups["count"]
+    assert count.sum(1).eq(8).all() and count.gt(1).any()
+    for g in range(0, 128, 17):
+        rows = groups["input_ids"][g][count[g] > 0]
+        assert len({tuple(r.tolist()) for r in rows}) == len(rows)
     run(make_cfg(*overrides))
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert len(summary["trajectory"]) == 2 and summary["final_multipliers"] != summary["initial_multipliers"]
@@ -99,3 +105,41 @@ def test_grouped_policy_steps_train_on_groups_of_a_prompts_responses(make_cfg, t
 def test_a_group_size_that_does_not_divide_the_responses_is_refused(make_cfg):
     with pytest.raises(ConfigError, match=r"policy_step.group_size=48: prompts hold \[64\] responses, not a multiple"):
         tasks.build(validate(make_cfg("policy_step.pairs=all", "policy_step.group_size=48"))).prepare()
+
+
+def test_response_groups_merge_repeated_samples_and_score_each_response_once(make_cfg):
+    """A prompt's samples become its distinct responses with counts; reference log-probs are computed once per
+    distinct response and equal the per-sample ones; scores stay with their response."""
+    from dualign.training.data import response_groups, tokenized
+    from dualign.training.data import sequence_logprobs as per_sample
+
+    cfg = validate(make_cfg())
+    task = tasks.build(cfg)
+    context = task.prepare()
+    rollouts, scores = context.sample_and_score(context.reference, [0, 1, 2], 64, seed=5)
+    calls = []
+
+    class Counting(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            calls.append(input_ids.shape[0])
+            return self.model(input_ids=input_ids, attention_mask=attention_mask)
+
+    groups = response_groups(task.prompt_token_ids, rollouts, scores, Counting(context.reference),
+                             task.tokenizer.pad_token_id, allowed_token_ids=task.allowed_token_ids).tensors
+    count = groups["count"]
+    distinct = [len({tuple(r) for r in rollouts.response_ids[64 * p: 64 * (p + 1)]}) for p in range(3)]
+    assert count.gt(0).sum(1).tolist() == distinct and count.sum(1).tolist() == [64, 64, 64]
+    assert sum(calls) == sum(distinct) < 3 * 64
+    ids, mask, response_mask = tokenized(task.prompt_token_ids, rollouts, task.tokenizer.pad_token_id)
+    expected = per_sample(context.reference, ids, mask, response_mask, task.allowed_token_ids)
+    for p in range(3):
+        for slot in range(int(count[p].gt(0).sum())):
+            row = groups["input_ids"][p, slot]
+            samples = [i for i in range(64 * p, 64 * (p + 1)) if torch.equal(ids[i], row)]
+            assert len(samples) == count[p, slot]
+            assert torch.allclose(groups["ref_logps"][p, slot], expected[samples], atol=1e-5)
+            assert torch.equal(groups["reward"][p, slot].expand(len(samples)), scores[0, samples])

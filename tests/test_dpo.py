@@ -2,6 +2,7 @@
 import math
 
 import torch
+import torch.nn.functional as F
 
 from dualign.core.dpo import dpo_loss, dpo_metrics, preference_probability, response_logprobs
 
@@ -104,3 +105,45 @@ def test_listwise_loss_is_minimised_by_the_tilted_log_ratios():
     elsewhere = torch.randn(2, 6, requires_grad=True)
     listwise_loss(elsewhere, composite, beta).sum().backward()
     assert elsewhere.grad.abs().max() > 1e-3
+
+
+def _expand(values: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """One group's distinct values [K] repeated by their counts: the samples as drawn."""
+    return torch.repeat_interleave(values, count.long())
+
+
+def test_grouped_losses_over_distinct_responses_with_counts_equal_the_losses_over_every_sample():
+    """Merging identical samples into one response with a count changes neither the loss nor its gradient."""
+    from dualign.core.dpo import all_pairs_loss, listwise_loss
+
+    torch.manual_seed(1)
+    count = torch.tensor([[3.0, 1.0, 2.0, 0.0], [1.0, 4.0, 1.0, 1.0]])  # 0: an empty slot
+    log_ratio, composite, beta = torch.randn(2, 4), torch.randn(2, 4), 0.6
+    for loss in (all_pairs_loss, listwise_loss):
+        merged_input = log_ratio.clone().requires_grad_(True)
+        merged = loss(merged_input, composite, beta, count)
+        merged.sum().backward()
+        for g in range(2):
+            samples = _expand(log_ratio[g], count[g]).requires_grad_(True)
+            expected = loss(samples.unsqueeze(0), _expand(composite[g], count[g]).unsqueeze(0), beta)
+            expected.sum().backward()
+            assert torch.allclose(merged[g], expected[0], atol=1e-6), loss.__name__
+            # the merged gradient of a response is the sum over its copies
+            per_response = torch.zeros(4).index_add_(0, torch.repeat_interleave(torch.arange(4), count[g].long()),
+                                                     samples.grad)
+            assert torch.allclose(merged_input.grad[g], per_response, atol=1e-6), loss.__name__
+        assert torch.isfinite(merged_input.grad).all()
+
+
+def test_hard_labels_over_merged_pairs_are_win_fractions():
+    """all_pairs_loss with labels = fraction of c_i c_j Bernoulli draws won equals the mean over the drawn pairs."""
+    from dualign.core.dpo import all_pairs_loss
+
+    count = torch.tensor([[2.0, 1.0]])
+    log_ratio, composite, beta = torch.tensor([[0.3, -0.4]]), torch.tensor([[1.0, 0.0]]), 1.0
+    labels = torch.tensor([[[0.0, 0.5], [0.0, 0.0]]])  # of the 2 sample pairs (copy of y0, y1), y0 won one
+    loss = all_pairs_loss(log_ratio, composite, beta, count, labels)
+    margin = log_ratio[0, 0] - log_ratio[0, 1]
+    win, lose = -F.logsigmoid(beta * margin), -F.logsigmoid(-beta * margin)
+    # 3 sample pairs: the two copies of y0 (log 2), copy 1 over y1 won, copy 2 over y1 lost
+    assert torch.allclose(loss, ((math.log(2) + win + lose) / 3).view(1), atol=1e-6)

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
+from dualign.config import ExactTaskConfig, TinyModelConfig
 from dualign.core.oracle import ExactOracle, Instance
 from dualign.models.rollout import sample_responses
-from dualign.config import ExactTaskConfig, TinyModelConfig
 from dualign.tasks.exact_problem import ExactProblem, reference_policy, tiny_gpt2
 from dualign.training.data import sequence_logprobs
 

@@ -8,9 +8,8 @@ import pytest
 import torch
 from conftest import ROOT
 
-from dualign.config import OptimizerConfig
+from dualign.config import ExactTaskConfig, OptimizerConfig, TinyModelConfig
 from dualign.models.scorers import CallableScorer, ScorerConfig, score_all
-from dualign.config import ExactTaskConfig, TinyModelConfig
 from dualign.tasks.exact_problem import ExactProblem, reference_policy
 from dualign.training.module import AlignmentModule
 

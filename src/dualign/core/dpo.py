@@ -4,6 +4,8 @@ A pair is (x, y0, y1); `preference` is p = P(y1 > y0). Margins are taken as y1 o
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -66,47 +68,60 @@ def dpo_metrics(log_ratio: torch.Tensor, logps: torch.Tensor, preference: torch.
     }
 
 
-def all_pairs_loss(log_ratio: torch.Tensor, composite: torch.Tensor, beta: float, valid: torch.Tensor | None = None,
-                   labels: torch.Tensor | None = None) -> torch.Tensor:
-    """The pseudo-preference DPO loss over every pair of a group's K responses, [G] (docs/method.md section 4.2).
+def _pair_weights(count: torch.Tensor) -> torch.Tensor:
+    """c_i c_j for i < j, [G, K, K]: how many sample pairs each pair of distinct responses stands for."""
+    K = count.shape[1]
+    upper = torch.ones(K, K, dtype=torch.bool, device=count.device).triu(1)
+    return count.unsqueeze(2) * count.unsqueeze(1) * upper
 
-    log_ratio, composite [G, K]: log pi/pi_ref and r_lambda of each response; valid [G, K]: which slots hold a response.
-    Every unordered pair i < j of one group counts once, with soft label p_ij = sigmoid(r_i - r_j) (or `labels`
-    [G, K, K], hard 0/1 labels for i over j). For K i.i.d. pi_ref samples the mean over pairs is a U-statistic: an
-    unbiased estimate of the population loss E_{y, y' ~ pi_ref} l(y, y'), whose minimiser is the tilted policy.
+
+def all_pairs_loss(log_ratio: torch.Tensor, composite: torch.Tensor, beta: float, count: torch.Tensor | None = None,
+                   labels: torch.Tensor | None = None) -> torch.Tensor:
+    """The pseudo-preference DPO loss over every pair of a group's samples, [G] (docs/method.md section 4.2).
+
+    log_ratio, composite [G, K]: log pi/pi_ref and r_lambda of each distinct response; count [G, K]: how many of the
+    group's samples it stands for (0: an empty slot; None: one each). Every unordered pair of samples counts once, with
+    soft label p_ij = sigmoid(r_i - r_j) (or `labels` [G, K, K], the fraction of hard labels won by i over j). A pair of
+    two copies of one response has margin 0 and loss log 2 whatever its label, so it enters as that constant: the
+    value and gradient equal those over the samples with their duplicates. For K i.i.d. pi_ref samples the mean over
+    pairs is a U-statistic: an unbiased estimate of the population loss E_{y, y' ~ pi_ref} l(y, y'), whose minimiser
+    is the tilted policy.
     """
+    count = torch.ones_like(log_ratio) if count is None else count.to(log_ratio.dtype)
     margin = beta * (log_ratio.unsqueeze(2) - log_ratio.unsqueeze(1))  # [G, K, K]: i over j
     preference = torch.sigmoid(composite.unsqueeze(2) - composite.unsqueeze(1)) if labels is None else labels
     pair_loss = -(preference * F.logsigmoid(margin) + (1 - preference) * F.logsigmoid(-margin))
-    K = log_ratio.shape[1]
-    upper = torch.ones(K, K, dtype=torch.bool, device=log_ratio.device).triu(1)
-    mask = upper.unsqueeze(0) if valid is None else upper & valid.unsqueeze(2) & valid.unsqueeze(1)
-    mask = mask.expand_as(pair_loss)
-    return (pair_loss * mask).sum((1, 2)) / mask.sum((1, 2)).clamp(min=1)
+    weight = _pair_weights(count)
+    samples = count.sum(1)
+    copies = (count * (count - 1)).sum(1) / 2  # pairs of two copies of one response
+    pairs = (samples * (samples - 1) / 2).clamp(min=1)
+    return ((weight * pair_loss).sum((1, 2)) + copies * math.log(2)) / pairs
 
 
 def listwise_loss(log_ratio: torch.Tensor, composite: torch.Tensor, beta: float,
-                  valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-entropy between softmax(r_lambda / beta) and softmax(log pi/pi_ref) over a group's K responses, [G].
-    Its minimiser on every sample set has log pi/pi_ref = r_lambda / beta + c: the tilted policy."""
-    if valid is not None:
-        log_ratio = log_ratio.masked_fill(~valid, float("-inf"))
-        composite = composite.masked_fill(~valid, float("-inf"))
-    target = torch.softmax(composite / beta, dim=-1)
-    log_model = torch.log_softmax(log_ratio, dim=-1)
+                  count: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy between softmax(r_lambda / beta) and softmax(log pi/pi_ref) over a group's samples, [G].
+    Its minimiser on every sample set has log pi/pi_ref = r_lambda / beta + c: the tilted policy.
+
+    count [G, K] as in all_pairs_loss: a response drawn c times enters both softmaxes with log c added, and its c
+    equal terms as one, so the value and gradient equal those over the samples with their duplicates."""
+    if count is None:
+        count = torch.ones_like(log_ratio)
+    log_count = count.to(log_ratio.dtype).log()  # -inf on empty slots: they take no mass on either side
+    target = torch.softmax(composite / beta + log_count, dim=-1)
+    log_model = torch.log_softmax(log_ratio + log_count, dim=-1) - log_count
     return -(target * torch.where(target > 0, log_model, torch.zeros_like(log_model))).sum(-1)
 
 
 def group_metrics(log_ratio: torch.Tensor, composite: torch.Tensor, beta: float,
-                  valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """TRL-style metrics over every pair of a group, `chosen` being the response with the higher r_lambda."""
-    K = log_ratio.shape[1]
-    upper = torch.ones(K, K, dtype=torch.bool, device=log_ratio.device).triu(1)
-    mask = upper.unsqueeze(0) if valid is None else upper & valid.unsqueeze(2) & valid.unsqueeze(1)
-    mask = mask.expand(log_ratio.shape[0], K, K)
+                  count: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """TRL-style metrics over the pairs of distinct responses of a group, each weighted by the sample pairs it stands
+    for; `chosen` is the response with the higher r_lambda."""
+    weight = _pair_weights(torch.ones_like(log_ratio) if count is None else count.to(log_ratio.dtype))
     first_wins = composite.unsqueeze(2) >= composite.unsqueeze(1)
-    reward = beta * log_ratio
-    chosen = torch.where(first_wins, reward.unsqueeze(2), reward.unsqueeze(1).expand(-1, K, -1))[mask]
-    rejected = torch.where(first_wins, reward.unsqueeze(1).expand(-1, K, -1), reward.unsqueeze(2))[mask]
-    return {"rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
-            "rewards/margins": (chosen - rejected).mean(), "rewards/accuracies": (chosen > rejected).float().mean()}
+    reward = (beta * log_ratio).unsqueeze(2).expand(-1, -1, log_ratio.shape[1])  # [G, K, K]: i's reward at [., i, .]
+    chosen = torch.where(first_wins, reward, reward.transpose(1, 2))
+    rejected = torch.where(first_wins, reward.transpose(1, 2), reward)
+    mean = lambda t: (weight * t).sum() / weight.sum().clamp(min=1)  # noqa: E731
+    return {"rewards/chosen": mean(chosen), "rewards/rejected": mean(rejected),
+            "rewards/margins": mean(chosen - rejected), "rewards/accuracies": mean((chosen > rejected).to(weight.dtype))}

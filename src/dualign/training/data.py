@@ -146,8 +146,12 @@ def response_groups(prompt_ids: list[list[int]], rollouts, scores: torch.Tensor,
                     ref_logps: torch.Tensor | None = None, batch_size: int = 1024,
                     autocast_dtype: torch.dtype | None = None) -> TensorBatches:
     """Groups of responses to one prompt for the all-pairs and listwise policy steps: [G, K, ...] tensors, a group
-    being the rollouts of one prompt (in prompt-major order), or consecutive chunks of `group_size` of them. Reference
-    log-probabilities are computed once per response (or given, from a cache), not once per pair."""
+    being the rollouts of one prompt (in prompt-major order), or consecutive chunks of `group_size` of them.
+
+    Within a group, samples that are the same response with the same scores are kept once, with `count` the number
+    of samples it stands for (the losses weight by it, so this changes no value or gradient); groups are padded to the
+    largest with count 0. Reference log-probabilities are computed once per distinct response (or given per sample,
+    from a cache), not once per pair."""
     prompt_index = rollouts.prompt_index
     starts = [0] + [i for i in range(1, len(prompt_index)) if prompt_index[i] != prompt_index[i - 1]]
     counts = torch.diff(torch.tensor(starts + [len(prompt_index)]))
@@ -158,16 +162,33 @@ def response_groups(prompt_ids: list[list[int]], rollouts, scores: torch.Tensor,
     if len(set(prompt_index[starts].tolist())) != len(starts):
         raise ValueError("rollouts must hold each prompt's responses together (prompt-major order)")
     input_ids, attention_mask, response_mask = tokenized(prompt_ids, rollouts, pad_id)
+    # one row per (group, response, scores); prompt-major order puts a group's samples together
+    group_of = torch.arange(len(prompt_index)) // size
+    score_bits = scores.float().T.contiguous().view(torch.int32).long()  # equal floats, equal keys
+    keys = torch.cat([group_of.unsqueeze(1), input_ids, attention_mask, score_bits], dim=1)
+    unique, inverse, count = torch.unique(keys, dim=0, return_inverse=True, return_counts=True)
+    first = torch.full((len(unique),), len(keys), dtype=torch.long).scatter_reduce(
+        0, inverse, torch.arange(len(keys)), reduce="amin")  # the first sample of each distinct row
     if ref_logps is None:
         with stage("reference log-probs"):
-            ref_logps = sequence_logprobs(reference, input_ids, attention_mask, response_mask, allowed_token_ids,
-                                          batch_size, autocast_dtype)
-    group = lambda t: t.reshape(-1, size, *t.shape[1:])  # noqa: E731  (prompt-major: chunks never straddle prompts)
+            ref_logps = sequence_logprobs(reference, input_ids[first], attention_mask[first], response_mask[first],
+                                          allowed_token_ids, batch_size, autocast_dtype)
+    else:
+        ref_logps = ref_logps[first]
+    group = unique[:, 0].contiguous()
+    slot = torch.arange(len(unique)) - torch.searchsorted(group, group)  # position within its group
+    groups, width = int(group[-1]) + 1, int(slot.max()) + 1
+
+    def padded(values: torch.Tensor, fill) -> torch.Tensor:
+        out = torch.full((groups, width, *values.shape[1:]), fill, dtype=values.dtype)
+        out[group, slot] = values
+        return out
+
     return TensorBatches({
-        "input_ids": group(input_ids), "attention_mask": group(attention_mask), "response_mask": group(response_mask),
-        "ref_logps": group(ref_logps), "reward": group(scores[0]),
-        "utility": group(scores[1:].transpose(0, 1)).transpose(1, 2),  # [G, m, K]
-        "group_index": torch.arange(len(prompt_index) // size),
+        "input_ids": padded(input_ids[first], pad_id), "attention_mask": padded(attention_mask[first], 0),
+        "response_mask": padded(response_mask[first], 0), "ref_logps": padded(ref_logps, 0.0),
+        "reward": padded(scores[0, first], 0.0), "utility": padded(scores[1:, first].T, 0.0).transpose(1, 2),  # [G, m, K]
+        "count": padded(count, 0), "group_index": torch.arange(groups),
     })
 
 

@@ -7,8 +7,15 @@ from __future__ import annotations
 
 import torch
 
-from dualign.core.dpo import (all_pairs_loss, dpo_loss, dpo_metrics, group_metrics, listwise_loss,
-                              preference_probability, response_logprobs)
+from dualign.core.dpo import (
+    all_pairs_loss,
+    dpo_loss,
+    dpo_metrics,
+    group_metrics,
+    listwise_loss,
+    preference_probability,
+    response_logprobs,
+)
 from dualign.core.duality import composite_reward
 from dualign.util import seeds
 
@@ -41,13 +48,15 @@ class DPOStep:
 
 
 class GroupDPOStep:
-    """The pseudo-preference objective over every pair of a group's K responses (`all`), or the listwise
-    cross-entropy between softmax(r_lambda / beta) and softmax(log pi/pi_ref) over them (`listwise`).
+    """The pseudo-preference objective over every pair of a group's samples (`all`), or the listwise cross-entropy
+    between softmax(r_lambda / beta) and softmax(log pi/pi_ref) over them (`listwise`).
 
-    Batches carry input_ids, attention_mask and response_mask [G, K, T], ref_logps and reward [G, K], utility
-    [G, m, K] and group_index [G]. The K log-ratios come from K sequences (one forward pass each), the K x K margins
-    and labels from them at no further model cost. Hard labels (all pairs): Bernoulli(p_ij) per pair, drawn from a
-    seed of (run seed, iteration, group), so they are re-drawn for every lambda yet a resumed run draws the same.
+    Batches carry input_ids, attention_mask and response_mask [G, K, T], ref_logps, reward and count [G, K], utility
+    [G, m, K] and group_index [G]: the distinct responses of each group with the number of samples each stands for
+    (count 0: an empty slot, which gets no forward pass). The K log-ratios come from K sequences, the K x K margins
+    and labels from them at no further model cost. Hard labels (all pairs): the fraction of Binomial(c_i c_j, p_ij)
+    wins of i over j, from a seed of (run seed, iteration, group), so they are re-drawn for every lambda yet a resumed
+    run draws the same.
     """
 
     def __init__(self, beta: float, objective: str = "all", labels: str = "soft",
@@ -55,26 +64,33 @@ class GroupDPOStep:
         self.beta, self.objective, self.labels, self.allowed_token_ids, self.seed = beta, objective, labels, allowed_token_ids, seed
 
     def __call__(self, policy, batch, multipliers, iteration, global_step=0):
+        count = batch["count"]
+        filled = count.reshape(-1) > 0
         width = int(batch["attention_mask"].sum(-1).max())  # right-padded to the dataset's longest row
-        groups, size = batch["input_ids"].shape[:2]
-        flat = lambda t: t[..., :width].reshape(groups * size, width)  # noqa: E731
-        logits = policy(input_ids=flat(batch["input_ids"]), attention_mask=flat(batch["attention_mask"])).logits
-        logps = response_logprobs(logits, flat(batch["input_ids"]), flat(batch["response_mask"]), self.allowed_token_ids)
-        log_ratio = logps.view(groups, size) - batch["ref_logps"]
+        rows = lambda t: t[..., :width].reshape(-1, width)[filled]  # noqa: E731
+        input_ids = rows(batch["input_ids"])
+        logits = policy(input_ids=input_ids, attention_mask=rows(batch["attention_mask"])).logits
+        logps = response_logprobs(logits, input_ids, rows(batch["response_mask"]), self.allowed_token_ids)
+        logps = torch.zeros(count.numel(), dtype=logps.dtype, device=logps.device).masked_scatter(filled, logps)
+        log_ratio = logps.view(count.shape) - batch["ref_logps"]
         composite = composite_reward(batch["reward"], batch["utility"].movedim(1, 0), multipliers.float())
         if self.objective == "listwise":
-            loss = listwise_loss(log_ratio, composite, self.beta)
+            loss = listwise_loss(log_ratio, composite, self.beta, count)
         else:
-            loss = all_pairs_loss(log_ratio, composite, self.beta, labels=self._hard_labels(batch, composite, iteration))
-        return loss.mean(), group_metrics(log_ratio.detach(), composite, self.beta)
+            labels = self._hard_labels(batch, composite, iteration)
+            loss = all_pairs_loss(log_ratio, composite, self.beta, count, labels)
+        return loss.mean(), group_metrics(log_ratio.detach(), composite, self.beta, count)
 
     def _hard_labels(self, batch, composite, iteration):
         if self.labels != "hard":
             return None
-        size = composite.shape[1]
-        uniforms = torch.stack([torch.rand(size, size, generator=torch.Generator().manual_seed(
-            seeds.seed("group_labels", self.seed, iteration * 1_000_000 + int(g)))) for g in batch["group_index"]])
-        return (uniforms.to(composite.device) < torch.sigmoid(composite.unsqueeze(2) - composite.unsqueeze(1))).float()
+        count = batch["count"].to(composite.dtype).cpu()
+        pairs = count.unsqueeze(2) * count.unsqueeze(1)
+        probability = torch.sigmoid(composite.unsqueeze(2) - composite.unsqueeze(1)).detach().cpu()
+        wins = torch.stack([torch.binomial(pairs[i], probability[i], generator=torch.Generator().manual_seed(
+            seeds.seed("group_labels", self.seed, iteration * 1_000_000 + int(g))))
+            for i, g in enumerate(batch["group_index"].tolist())])
+        return (wins / pairs.clamp(min=1)).to(composite.device)
 
 
 class ExactStep:
