@@ -20,13 +20,22 @@ defaults:
   - train
   - override hydra/sweeper: optuna
   - _self_
-algorithm:
-  name: fixed_lambda
 constraints:
   safety:
     threshold: 0.05
 reference:
   samples_per_prompt: 64
+# the step this test was built on (consecutive pairs, gentle rate): with only 64 samples a prompt it keeps lambda = 0
+# the best-scoring trial, which the test needs to mean something; the sweeper, not the step, is under test
+policy_step:
+  pairs: consecutive
+  batch_size: 64
+optimizer:
+  lr: 1.0e-3
+  schedule: cosine
+algorithm:
+  name: fixed_lambda
+  epochs_per_iteration: 3
 hydra:
   sweeper:
     study_name: test_study

@@ -14,7 +14,8 @@ from dualign.run import run
 
 def test_caid_moves_lambda_the_right_way_and_closes_the_slack(make_cfg, tmp_path):
     # start at lambda = 0, where the constraint is violated: the dual step must raise lambda and shrink the slack
-    cfg = make_cfg("constraints.safety.initial_multiplier=0", "algorithm.iterations=3", logger=True)
+    cfg = make_cfg("constraints.safety.initial_multiplier=0", "algorithm.iterations=3", "policy_step.batch_size=4",
+                   logger=True)  # 4 steps an epoch: train/* metrics are written every 5 steps
     objective = run(cfg)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     lambdas = [summary["initial_multipliers"][0]] + [h["multipliers"][0] for h in summary["trajectory"]]
@@ -44,7 +45,7 @@ def test_caid_moves_lambda_the_right_way_and_closes_the_slack(make_cfg, tmp_path
 
 
 def test_resumed_run_continues_the_same_lambda_trajectory(make_cfg, tmp_path):
-    common = ("optimizer.schedule=constant", "policy_step.labels=hard")
+    common = ("policy_step.pairs=all", "policy_step.labels=hard", "policy_step.batch_size=4")
     run(make_cfg(*common, "algorithm.iterations=3", "paths.output_dir=" + str(tmp_path / "full")))
     full = json.loads((tmp_path / "full" / "summary.json").read_text())
 

@@ -119,7 +119,7 @@ class AlgorithmConfig:
     """Defaults are CAID's (conf/algorithm/caid.yaml); what each name means: config/algorithms.py."""
     name: str = "caid"
     iterations: int = 6  # T dual iterations (trained once for iterations x epochs epochs where the algorithm is not iterative)
-    epochs_per_iteration: int = 3  # E
+    epochs_per_iteration: int = 8  # E
     dual_prompts: int = 16  # Q prompts for the on-policy dual step
     dual_samples: int = 256  # K responses per prompt for the dual step
     dual_estimator: DualEstimator = DualEstimator.rollout
@@ -152,10 +152,10 @@ class AlgorithmConfig:
 class PolicyStepConfig:
     """One section for the three steps; each key says which step reads it (conf/policy_step/*.yaml set them)."""
     name: PolicyStepName = PolicyStepName.dpo
-    batch_size: int = 64  # dpo: pairs (consecutive) or groups (all, listwise) per micro-batch; exact, policy_gradient: prompts
+    batch_size: int = 16  # dpo: pairs (consecutive) or groups (all, listwise) per micro-batch; exact, policy_gradient: prompts
     labels: Labels = Labels.soft  # dpo
     pairs_from: PairSource = PairSource.reference  # dpo
-    pairs: PairScheme = PairScheme.consecutive  # dpo: which pairs of the responses the loss compares
+    pairs: PairScheme = PairScheme.listwise  # dpo: which pairs of the responses the loss compares
     group_size: Optional[int] = None  # dpo with all / listwise: responses per group (None: all of a prompt's)
     steps_per_epoch: int = 50  # exact and policy_gradient: passes over the prompts in one epoch
     samples_per_prompt: int = 8  # policy_gradient: K responses per prompt for the RLOO estimator
@@ -173,7 +173,7 @@ class PolicyStepConfig:
 
 @dataclass
 class ReferenceConfig:
-    samples_per_prompt: int = 512  # pi_ref rollouts per prompt: DPO pairs, E_ref[g] and the one-shot dual
+    samples_per_prompt: int = 4096  # pi_ref rollouts per prompt: DPO pairs, E_ref[g] and the one-shot dual
     prompts: Optional[int] = None  # how many training prompts get pi_ref rollouts (None: all; paper: 1000)
 
     def check(self, cfg: "TrainConfig") -> None:
@@ -219,10 +219,10 @@ class EvaluationConfig:
 
 @dataclass
 class OptimizerConfig:
-    lr: float = 1.0e-3
+    lr: float = 4.0e-3
     weight_decay: float = 0.0
     warmup_steps: int = 0
-    schedule: Schedule = Schedule.cosine  # over the whole run
+    schedule: Schedule = Schedule.constant  # cosine: over the whole run
     fused: Optional[bool] = None  # fused AdamW; None: where the parameters support it and it can be clipped
 
     def check(self, cfg: "TrainConfig") -> None:
