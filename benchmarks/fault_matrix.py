@@ -21,7 +21,8 @@ import mlflow
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["data.sft_steps=80", "reference.samples_per_prompt=64", "algorithm.compare_one_shot=false",
-         "trainer.enable_progress_bar=false", "algorithm.iterations=2", "algorithm.epochs_per_iteration=1"]
+         "trainer.enable_progress_bar=false", "algorithm.iterations=2", "algorithm.epochs_per_iteration=1",
+         "policy_step.batch_size=2"]  # 8 optimiser steps an epoch, as tests/test_termination.py
 STAGES = {  # stage -> where DUALIGN_FAULT fires
     "pi_ref SFT": "stage=pi_ref SFT",
     "pi_ref rollouts": "stage=rollouts#1",
