@@ -18,3 +18,5 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft asks transformers 5 the old way
+    # a full-batch epoch is one step; Lightning still writes train/* every log_every_n_steps steps across epochs
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
