@@ -15,6 +15,7 @@ import numpy as np
 import yaml
 
 from dualign.core.oracle import ExactOracle, Instance
+from dualign.tools.study_claims import claims_section, parameters
 
 
 def load_runs(folder: Path) -> list[dict]:
@@ -86,14 +87,16 @@ def thresholds_section(runs: list[dict], docs: Path, extra: dict[str, list[dict]
         one_shot = [r["one_shot"]["final"]["improvement"][0] for r in group]
         caid_gap = [r["optimum"]["value"] - r["final"]["objective"] for r in group]
         one_shot_gap = [r["optimum"]["value"] - r["one_shot"]["final"]["objective"] for r in group]
-        for seed_index, r in enumerate(group):
-            stats["caid"][r["config"]["seed"]].append((abs(caid[seed_index] - b), caid_gap[seed_index]))
-            stats["one_shot"][r["config"]["seed"]].append((abs(one_shot[seed_index] - b), one_shot_gap[seed_index]))
+        for r in group:
+            stats["caid"][r["config"]["seed"]].append(measures(r, r["final"]))
+            stats["one_shot"][r["config"]["seed"]].append(measures(r, r["one_shot"]["final"]))
         caid_points.append((mean_std(caid), mean_std([r["final"]["scores"]["reward"]["policy"] for r in group])))
         one_shot_points.append((mean_std(one_shot), mean_std([r["one_shot"]["final"]["scores"]["reward"]["policy"] for r in group])))
         rows.append(
             f"| {b:g} | {group[0]['optimum']['multipliers'][0]:.3f} | {fmt(*mean_std([r['final_multipliers'][0] for r in group]))} "
-            f"| {fmt(*mean_std(caid))} | {fmt(*mean_std(one_shot))} | {fmt(*mean_std(caid_gap))} | {fmt(*mean_std(one_shot_gap))} |"
+            f"| {fmt(*mean_std(caid))} | {fmt(*mean_std(one_shot))} | {fmt(*mean_std(caid_gap))} "
+            f"| {split(group, lambda r: r['final'])} | {fmt(*mean_std(one_shot_gap))} "
+            f"| {split(group, lambda r: r['one_shot']['final'])} |"
         )
     curve = optimal_curve(runs[0]["folder"] / "instance.npz", np.linspace(0.0, 2.0, 41))
 
@@ -129,50 +132,71 @@ def thresholds_section(runs: list[dict], docs: Path, extra: dict[str, list[dict]
     plt.close(fig)
 
     lines = [
-        "| b | lambda* | caid lambda_T | caid achieved | one_shot achieved | caid P* - J | one_shot P* - J |",
-        "|---|---|---|---|---|---|---|",
+        "| b | lambda* | caid lambda_T | caid achieved | one_shot achieved | caid P* - J | = beta KL + lambda* (a - b) "
+        "| one_shot P* - J | = beta KL + lambda* (a - b) |",
+        "|---|---|---|---|---|---|---|---|---|",
         *rows,
     ]
     return lines, stats
 
 
-def method_summary(stats: dict) -> tuple[float, float, float, float]:
-    """Mean over the b grid per seed, then mean and spread over seeds: (|achieved - b|, std, P* - J, std)."""
-    per_seed_error = [np.mean([e for e, _ in values]) for values in stats.values()]
-    per_seed_gap = [np.mean([g for _, g in values]) for values in stats.values()]
-    return (*mean_std(per_seed_error), *mean_std(per_seed_gap))
+def measures(run: dict, final: dict) -> tuple[float, float, float, float]:
+    """|achieved - b| (largest over constraints), P* - J, and its exact split beta KL(pi || pi*) + lambda* (a - b)."""
+    error = max(abs(a - b) for a, b in zip(final["improvement"], run["threshold"]))
+    return error, run["optimum"]["value"] - final["objective"], final["gap_from_kl"], final["gap_from_constraints"]
+
+
+def split(runs: list[dict], final) -> str:
+    """Mean beta KL(pi || pi*) + mean lambda* (a - b) over runs (they add up to the mean P* - J)."""
+    constraints = np.mean([final(r)["gap_from_constraints"] for r in runs])
+    return f"{np.mean([final(r)['gap_from_kl'] for r in runs]):.3f} {'-' if constraints < 0 else '+'} {abs(constraints):.3f}"
+
+
+def method_row(label: str, thresholds: str, stats: dict) -> str:
+    """Mean over the b grid per seed, then mean ± spread over seeds of each measure."""
+    per_seed = np.array([np.mean(values, axis=0) for values in stats.values()])  # [seeds, 4]
+    cells = [fmt(*mean_std(per_seed[:, i])) for i in range(4)]
+    return f"| {label} | {thresholds} | " + " | ".join(cells) + " |"
+
+
+def pd_steps(run: dict) -> int:
+    cfg = run["config"]
+    return cfg["algorithm"]["iterations"] * cfg["algorithm"]["epochs_per_iteration"] * cfg["policy_step"]["steps_per_epoch"]
 
 
 def primal_dual_section(runs: list[dict], docs: Path) -> tuple[list[str], dict]:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    rows, stats = [], defaultdict(lambda: defaultdict(list))
+    by_b, stats = defaultdict(list), defaultdict(list)
     for run in runs:
-        rule, seed = run["config"]["algorithm"]["dual_rule"], run["config"]["seed"]
-        history = run["trajectory"]
+        by_b[run["threshold"][0]].append(run)
+        stats[run["config"]["seed"]].append(measures(run, run["final"]))
+    shown = min(by_b, key=lambda b: abs(b - 0.5))  # the trajectories at the b nearest the default 0.5
+    for run in by_b[shown]:
+        seed, history = run["config"]["seed"], run["trajectory"]
         steps = [0] + [h["iteration"] for h in history]
         lambdas = [run["initial_multipliers"][0]] + [h["multipliers"][0] for h in history]
-        achieved = [h["evaluation"]["improvement"][0] for h in history]
-        style = "-" if rule == "log" else ":"
-        axes[0].plot(steps, lambdas, style, color=f"C{seed}", label=f"{rule}, seed {seed}")
-        axes[1].plot(steps[1:], achieved, style, color=f"C{seed}", label=f"{rule}, seed {seed}")
-        b, lam_star = run["threshold"][0], run["optimum"]["multipliers"][0]
-        tail = lambdas[len(lambdas) // 2:]
-        stats[rule][seed].append((abs(run["final"]["improvement"][0] - b), run["optimum"]["value"] - run["final"]["objective"]))
-        rows.append(
-            f"| {rule} | {seed} | {lambdas[-1]:.3f} | {lam_star:.3f} | {max(tail) - min(tail):.3f} "
-            f"| {run['final']['improvement'][0]:.3f} | {b:g} | {run['optimum']['value'] - run['final']['objective']:.3f} |"
-        )
-    if runs:
-        axes[0].axhline(runs[0]["optimum"]["multipliers"][0], color="k", ls="--", label="lambda* (exact)")
-        axes[1].axhline(runs[0]["threshold"][0], color="k", ls="--", label="b")
-    axes[0].set(xlabel="dual update (every 10 policy steps)", ylabel="lambda", title="primal-dual: lambda")
+        axes[0].plot(steps, lambdas, color=f"C{seed}", label=f"seed {seed}")
+        axes[1].plot(steps[1:], [h["evaluation"]["improvement"][0] for h in history], color=f"C{seed}", label=f"seed {seed}")
+    axes[0].axhline(by_b[shown][0]["optimum"]["multipliers"][0], color="k", ls="--", label="lambda* (exact)")
+    axes[1].axhline(shown, color="k", ls="--", label="b")
+    axes[0].set(xlabel="dual update (every 10 policy steps)", ylabel="lambda", title=f"primal-dual: lambda (b = {shown:g})")
     axes[1].set(xlabel="dual update", ylabel="achieved improvement (exact)", title="primal-dual: constraint")
     _save(fig, axes, docs / "study_primal_dual.png", legend_size=7)
     plt.close(fig)
+    rows = []
+    for b in sorted(by_b):
+        group = by_b[b]
+        ranges = [max(lams) - min(lams) for lams in
+                  ([h["multipliers"][0] for h in r["trajectory"]][len(r["trajectory"]) // 2:] for r in group)]
+        rows.append(
+            f"| {b:g} | {group[0]['optimum']['multipliers'][0]:.3f} | {fmt(*mean_std([r['final_multipliers'][0] for r in group]))} "
+            f"| {max(ranges):.3f} | {fmt(*mean_std([r['final']['improvement'][0] for r in group]))} "
+            f"| {fmt(*mean_std([r['optimum']['value'] - r['final']['objective'] for r in group]))} "
+            f"| {split(group, lambda r: r['final'])} |")
     lines = [
-        "| rule | seed | final lambda | lambda* | lambda range over the 2nd half | achieved | b | P* - J |",
-        "|---|---|---|---|---|---|---|---|",
+        "| b | lambda* | final lambda | largest lambda range over the 2nd half | achieved | P* - J | = beta KL + lambda* (a - b) |",
+        "|---|---|---|---|---|---|---|",
         *rows,
     ]
     return lines, stats
@@ -193,11 +217,6 @@ def two_constraints_section(runs: list[dict]) -> list[str]:
     return lines
 
 
-def _parameters(model_cfg: dict) -> int:
-    layers, width = model_cfg["n_layer"], model_cfg["n_embd"]
-    return layers * (12 * width * width + 13 * width) + 2 * width  # GPT-2 blocks + final layer norm, no embeddings
-
-
 def model_size_section(runs: list[dict], docs: Path) -> list[str]:
     plt = _plt()
     lines = [
@@ -205,15 +224,15 @@ def model_size_section(runs: list[dict], docs: Path) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     points = []
-    for run in sorted(runs, key=lambda r: _parameters(r["config"]["model"])):
+    for run in sorted(runs, key=lambda r: parameters(r["config"]["model"])):
         model = run["config"]["model"]
         lam = run["final_multipliers"][0]
         slack = run["final"]["improvement"][0] - run["threshold"][0]
         # D_p(lambda_T) ~ L(pi_theta_T, lambda_T): the final policy maximises the Lagrangian at (nearly) lambda_T
         dual_gap = abs(run["final"]["objective"] + lam * slack - run["optimum"]["value"])
-        points.append((_parameters(model), dual_gap, run["optimum"]["value"] - run["final"]["objective"], run["final"]["tv_to_optimum"]))
+        points.append((parameters(model), dual_gap, run["optimum"]["value"] - run["final"]["objective"], run["final"]["tv_to_optimum"]))
         lines.append(
-            f"| {model['n_layer']} | {model['n_embd']} | {_parameters(model)} | {run['optimum']['multipliers'][0]:.3f} | {lam:.3f} "
+            f"| {model['n_layer']} | {model['n_embd']} | {parameters(model)} | {run['optimum']['multipliers'][0]:.3f} | {lam:.3f} "
             f"| {dual_gap:.4f} | {run['optimum']['value'] - run['final']['objective']:.4f} | {slack:+.4f} | {run['final']['tv_to_optimum']:.4f} |"
         )
     fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -227,87 +246,19 @@ def model_size_section(runs: list[dict], docs: Path) -> list[str]:
     return lines
 
 
-def claims_section(parts: dict) -> list[str]:
-    """The paper's claims, each checked against the numbers above; the verdict is computed, not written by hand."""
-    lines = ["## The claims, checked", ""]
-    runs = parts["thresholds"]
-    if runs:
-        by_b = defaultdict(list)
-        for run in runs:
-            by_b[run["threshold"][0]].append(run)
-        grid = sorted(by_b)
-        caid = {b: np.mean([r["final"]["improvement"][0] for r in by_b[b]]) for b in grid}
-        one = {b: np.mean([r["one_shot"]["final"]["improvement"][0] for r in by_b[b]]) for b in grid}
-        tracked = [b for b in grid if abs(caid[b] - b) <= 0.1 * b]
-        under = [b for b in grid if one[b] < 0.9 * b]
-        over = [b for b in grid if one[b] > 1.1 * b]
-        plug_in_error = max(abs(r["one_shot_multipliers"][0] - r["optimum"]["multipliers"][0]) / r["optimum"]["multipliers"][0]
-                            for r in runs)
-        lines.append(
-            f"1. *CAID's achieved improvement tracks b; one-shot undershoots small b and overshoots large b.* "
-            f"CAID is within 10% of b at {len(tracked)} of {len(grid)} thresholds (b = {', '.join(f'{b:g}' for b in tracked)})"
-            + (f"; above that it falls short (b = {', '.join(f'{b:g}' for b in grid if b not in tracked)}: achieved "
-               f"{', '.join(f'{caid[b]:.3f}' for b in grid if b not in tracked)}) while lambda keeps rising, because DPO on "
-               f"pairs from pi_ref cannot move the policy that far within the epoch budget" if len(tracked) < len(grid) else "")
-            + f". One-shot undershoots (below 0.9 b) at {len(under)} of {len(grid)} thresholds and overshoots at {len(over)}: "
-            + ("**the overshoot at large b does not hold on this task**; one-shot's lambda is accurate (the plug-in solve "
-               f"from 512 samples a prompt is within {100 * plug_in_error:.1f}% of the exact lambda* at every b and seed), so its "
-               "shortfall comes from the DPO policy step under-fitting the tilted optimum, which grows with b."
-               if not over else "the claim holds.")
-        )
-        # reward at matched safety: one_shot's E[r] interpolated at caid's achieved improvements
-        one_x = np.array([np.mean([r["one_shot"]["final"]["improvement"][0] for r in by_b[b]]) for b in grid])
-        one_y = np.array([np.mean([r["one_shot"]["final"]["scores"]["reward"]["policy"] for r in by_b[b]]) for b in grid])
-        order = np.argsort(one_x)
-        differences = [np.mean([r["final"]["scores"]["reward"]["policy"] for r in by_b[b]])
-                       - np.interp(caid[b], one_x[order], one_y[order]) for b in grid if one_x.min() <= caid[b] <= one_x.max()]
-        if differences:
-            lines.append(
-                f"2. *CAID's helpfulness-safety curve lies above one-shot's.* At equal achieved safety, CAID's E[r] minus "
-                f"one-shot's (interpolated) is {np.mean(differences):+.3f} on average over {len(differences)} thresholds "
-                f"(range {min(differences):+.3f} to {max(differences):+.3f}). "
-                + ("**Not observed here**: both methods train the same DPO family on the same pairs and land on the same curve; "
-                   "CAID's advantage on this task is hitting the requested b, not a better trade-off."
-                   if abs(np.mean(differences)) < 0.02 else ("The claim holds." if np.mean(differences) > 0 else "**The opposite holds here.**"))
-            )
-    two = parts["two_constraints"]
-    if two:
-        met = [r for r in two if all(abs(a - t) <= 0.1 * t for a, t in zip(r["final"]["improvement"], r["threshold"]))]
-        cells = {tuple(r["threshold"]): r["final"]["objective"] for r in two}
-        b1s, b2s = sorted({k[0] for k in cells}), sorted({k[1] for k in cells})
-        monotone = all(cells[(b1s[i], b2)] >= cells[(b1s[i + 1], b2)] for i in range(len(b1s) - 1) for b2 in b2s) and \
-            all(cells[(b1, b2s[i])] >= cells[(b1, b2s[i + 1])] for i in range(len(b2s) - 1) for b1 in b1s)
-        lines.append(
-            f"3. *With two constraints both are met across threshold pairs and tighter thresholds cost helpfulness.* "
-            f"Both improvements are within 10% of their b in {len(met)} of {len(two)} cells; J "
-            + ("decreases monotonically as either threshold tightens (holds)." if monotone else "is not monotone in the thresholds.")
-        )
-    pd = parts["primal_dual"]
-    if pd:
-        ranges = []
-        for run in pd:
-            lambdas = [h["multipliers"][0] for h in run["trajectory"]]
-            ranges.append(max(lambdas[len(lambdas) // 2:]) - min(lambdas[len(lambdas) // 2:]))
-        errors = [abs(r["final_multipliers"][0] - r["optimum"]["multipliers"][0]) / r["optimum"]["multipliers"][0] for r in pd]
-        lines.append(
-            f"4. *Iterative primal-dual methods oscillate or fail to converge.* Over the second half of the run lambda moves "
-            f"within a range of at most {max(ranges):.3f} and ends within {100 * max(errors):.1f}% of lambda*, with the constraint "
-            f"met within {max(abs(r['final']['improvement'][0] - r['threshold'][0]) for r in pd):.3f}: "
-            + ("**no oscillation or divergence on this task**, where the policy-gradient step is exact in expectation and "
-               "cheap (the paper's argument is about large models, where each primal step is noisy and costly: not tested here)."
-               if max(errors) < 0.1 else "it does not settle at lambda* here.")
-        )
-    sizes = parts["model_size"]
-    if sizes:
-        ordered = sorted(sizes, key=lambda r: _parameters(r["config"]["model"]))
-        tv = [r["final"]["tv_to_optimum"] for r in ordered]
-        trend = np.corrcoef(np.log([_parameters(r["config"]["model"]) for r in ordered]), np.log(tv))[0, 1]
-        lines.append(
-            f"5. *The gaps grow as the model family gets poorer.* TV to pi* goes from {tv[-1]:.4f} (largest model) to "
-            f"{tv[0]:.4f} (smallest); correlation of log TV with log parameters {trend:+.2f} "
-            + ("(holds)." if trend < -0.5 else "(no clear trend).")
-        )
-    return lines + [""]
+def reward_sd(parts: dict) -> float:
+    return next(runs for runs in parts.values() if runs)[0]["optimum"]["reference_reward_std"]
+
+
+def step_description(parts: dict) -> str:
+    runs = next((runs for runs in parts.values() if runs and runs[0]["config"]["policy_step"]["name"] == "dpo"), None)
+    if runs is None:
+        return "as configured"
+    cfg = runs[0]["config"]
+    step, algorithm = cfg["policy_step"], cfg["algorithm"]
+    return (f"dpo, pairs={step['pairs']}, group_size={step['group_size']}, batch_size={step['batch_size']}, "
+            f"{cfg['reference']['samples_per_prompt']} pi_ref samples a prompt, lr {cfg['optimizer']['lr']:g} "
+            f"({cfg['optimizer']['schedule']}), {algorithm['iterations']} iterations x {algorithm['epochs_per_iteration']} epochs")
 
 
 def main(study: str, docs_dir: str) -> None:
@@ -316,17 +267,17 @@ def main(study: str, docs_dir: str) -> None:
     parts = {name: load_runs(root / name) for name in
              ("thresholds", "primal_dual", "dpo_h", "dpo_s", "online_pairs", "two_constraints", "model_size")}
     out = ["# The exact-task study", "",
-           "Generated by `bash sweeps/study.sh` (the runs, about 40 minutes on 2 CPU cores) and "
+           "Generated by `bash sweeps/study.sh` (the runs, about an hour on 2 CPU cores) and "
            "`python -m dualign.tools.study_report outputs/study docs` (this page). Every number is an exact expectation "
            "computed by enumerating all 512 responses of all 16 prompts; nothing is tuned beyond the documented "
-           "defaults (conf/). Task: beta = 1, one constraint on utility_0 (\"safety\") unless stated.", ""]
+           "defaults (conf/). Task: beta = 1, one constraint on utility_0 (\"safety\") unless stated. Policy step: "
+           + step_description(parts) + ".", ""]
     method_rows = []
     if parts["thresholds"]:
         lines, stats = thresholds_section(parts["thresholds"], docs, parts)
+        grid = f"b grid of {len(set(r['threshold'][0] for r in parts['thresholds']))}"
         for name in ("caid", "one_shot"):
-            error, error_std, gap, gap_std = method_summary(stats[name])
-            method_rows.append(f"| {name} (dpo, pairs from pi_ref) | b grid of {len(set(r['threshold'][0] for r in parts['thresholds']))} "
-                               f"| {fmt(error, error_std)} | {fmt(gap, gap_std)} |")
+            method_rows.append(method_row(f"{name} (dpo, pairs from pi_ref)", grid, stats[name]))
         out += ["## 1. CAID vs one-shot across thresholds", "",
                 "![achieved vs b](study_achieved_vs_threshold.png) ![reward vs safety](study_reward_vs_safety.png)", "",
                 "Mean ± standard deviation over seeds 0, 1, 2; one_shot is trained in the same job on the same pairs "
@@ -334,29 +285,26 @@ def main(study: str, docs_dir: str) -> None:
     if parts["online_pairs"]:
         stats = defaultdict(list)
         for run in parts["online_pairs"]:
-            stats[run["config"]["seed"]].append((abs(run["final"]["improvement"][0] - run["threshold"][0]),
-                                                 run["optimum"]["value"] - run["final"]["objective"]))
-        error, error_std, gap, gap_std = method_summary(stats)
+            stats[run["config"]["seed"]].append(measures(run, run["final"]))
         grid = sorted({round(r["threshold"][0], 6) for r in parts["online_pairs"]})
-        method_rows.append(f"| caid (dpo, pairs from the current policy) | b in {{{', '.join(f'{b:g}' for b in grid)}}} | {fmt(error, error_std)} | {fmt(gap, gap_std)} |")
+        label = f"b in {{{', '.join(f'{b:g}' for b in grid)}}}"
+        method_rows.append(method_row("caid (dpo, pairs from the current policy)", label, stats))
         if parts["thresholds"]:
             reference_stats = defaultdict(list)
             for run in parts["thresholds"]:
                 if round(run["threshold"][0], 6) in grid:
-                    reference_stats[run["config"]["seed"]].append(
-                        (abs(run["final"]["improvement"][0] - run["threshold"][0]), run["optimum"]["value"] - run["final"]["objective"]))
-            error, error_std, gap, gap_std = method_summary(reference_stats)
-            method_rows.append(f"| caid (dpo, pairs from pi_ref), same b | b in {{{', '.join(f'{b:g}' for b in grid)}}} | {fmt(error, error_std)} | {fmt(gap, gap_std)} |")
+                    reference_stats[run["config"]["seed"]].append(measures(run, run["final"]))
+            method_rows.append(method_row("caid (dpo, pairs from pi_ref), same b", label, reference_stats))
     if parts["primal_dual"]:
         lines, stats = primal_dual_section(parts["primal_dual"], docs)
-        for rule in sorted(stats):
-            error, error_std, gap, gap_std = method_summary(stats[rule])
-            method_rows.append(f"| primal_dual ({rule} rule, RLOO policy gradient) | b = {parts['primal_dual'][0]['threshold'][0]:g} "
-                               f"| {fmt(error, error_std)} | {fmt(gap, gap_std)} |")
+        rule = parts["primal_dual"][0]["config"]["algorithm"]["dual_rule"]
+        method_rows.append(method_row(f"primal_dual ({rule} rule, RLOO policy gradient)",
+                                      f"b grid of {len(set(r['threshold'][0] for r in parts['primal_dual']))}", stats))
         out += ["## 2. Primal-dual (Safe RLHF style)", "", "![primal-dual](study_primal_dual.png)", "",
-                "600 policy-gradient steps (16 prompts x 16 samples each), a dual step every 10; Safe RLHF defaults "
-                "(lambda_init 1, alpha 0.1, lambda_max 5) for the log rule, the same step size for the projected rule.", "",
-                *lines, ""]
+                f"{pd_steps(parts['primal_dual'][0])} policy-gradient steps (16 prompts x 16 samples each, about a CAID run's "
+                "wall time), a dual step every 10; Safe RLHF defaults "
+                "(lambda_init 1, alpha 0.1, lambda_max 5, log rule); the same thresholds and seeds as section 1. Mean ± "
+                "standard deviation over seeds.", "", *lines, ""]
     for name, label in (("dpo_h", "DPO_h (fixed lambda = 0)"), ("dpo_s", "DPO_s (utility_0 as the reward)")):
         if parts[name]:
             reward = mean_std([r["final"]["scores"]["reward"]["policy"] for r in parts[name]])
@@ -365,12 +313,17 @@ def main(study: str, docs_dir: str) -> None:
     out.append("")
     if method_rows:
         out[4:4] = ["## Summary by method", "",
-                    "| method | thresholds | mean \\|achieved - b\\| | mean P* - J |", "|---|---|---|---|", *method_rows,
-                    "", "Mean over the thresholds per seed, then mean ± standard deviation over the 3 seeds. A negative "
-                    "P* - J means the policy beat the optimum's objective by not meeting the constraint (one-shot "
-                    "falls short of b), so read it beside \\|achieved - b\\|.", ""]
+                    "| method | thresholds | mean \\|achieved - b\\| | mean P* - J | mean beta KL(pi \\|\\| pi*) "
+                    "| mean lambda* (a - b) |", "|---|---|---|---|---|---|", *method_rows,
+                    "", "Mean over the thresholds per seed, then mean ± standard deviation over the 3 seeds, in units of r "
+                    f"(sd(r) under pi_ref = {reward_sd(parts):.4f}). P* - J is "
+                    "exactly beta KL(pi || pi*) + lambda* (a - b): the distance to the optimum, plus what missing b (a < b, "
+                    "negative) bought or overshooting it cost; read P* - J beside both.", ""]
     if parts["two_constraints"]:
         out += ["## 3. Two constraints (caid, dpo)", "", *two_constraints_section(parts["two_constraints"]), ""]
+    if not parts["model_size"]:
+        out += ["## 4. Parametrisation gap", "", "Not part of this run of the study (`ONLY=model_size bash sweeps/study.sh` "
+                "adds it); it uses the exact policy step, which the DPO step's settings do not touch.", ""]
     if parts["model_size"]:
         out += ["## 4. Parametrisation gap (exact policy step, exact dual estimates)", "",
                 "![model size](study_model_size.png)", "",

@@ -4,6 +4,7 @@ resumed run sees the same order as an uninterrupted one."""
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -12,6 +13,8 @@ from dualign.core.dpo import response_logprobs
 from dualign.errors import ConfigError
 from dualign.util import distributed, seeds
 from dualign.util.timing import stage
+
+log = logging.getLogger("dualign")
 
 
 class TensorBatches(Dataset):
@@ -175,6 +178,8 @@ def response_groups(prompt_ids: list[list[int]], rollouts, scores: torch.Tensor,
                                           allowed_token_ids, batch_size, autocast_dtype)
     else:
         ref_logps = ref_logps[first]
+    log.info("policy-step data: %d groups, %d distinct responses of %d samples (%.1f a group)",
+             int(group_of[-1]) + 1, len(unique), len(keys), len(unique) / (int(group_of[-1]) + 1))
     group = unique[:, 0].contiguous()
     slot = torch.arange(len(unique)) - torch.searchsorted(group, group)  # position within its group
     groups, width = int(group[-1]) + 1, int(slot.max()) + 1
