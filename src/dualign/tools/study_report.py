@@ -321,6 +321,9 @@ def main(study: str, docs_dir: str) -> None:
                     "negative) bought or overshooting it cost; read P* - J beside both.", ""]
     if parts["two_constraints"]:
         out += ["## 3. Two constraints (caid, dpo)", "", *two_constraints_section(parts["two_constraints"]), ""]
+    else:
+        out += ["## 3. Two constraints", "", "Not part of this run of the study (`ONLY=two_constraints bash "
+                "sweeps/study.sh` adds it); README: `experiment=two_constraints` on seeds 0, 1, 2.", ""]
     if not parts["model_size"]:
         out += ["## 4. Parametrisation gap", "", "Not part of this run of the study (`ONLY=model_size bash sweeps/study.sh` "
                 "adds it); it uses the exact policy step, which the DPO step's settings do not touch.", ""]
