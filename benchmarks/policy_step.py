@@ -35,15 +35,12 @@ def sampled(task, pairs) -> torch.Tensor:
     rows = pairs.tensors["input_ids"].reshape(-1, pairs.tensors["input_ids"].shape[-1])
     if "count" in pairs.tensors:
         rows = rows[pairs.tensors["count"].reshape(-1) > 0]
-    problem = task.problem
-    prompt_of = {tuple(ids): p for p, ids in enumerate(task.prompt_token_ids)}
-    position = {token: i for i, token in enumerate(task.allowed_token_ids.tolist())}
-    index = {tuple(r): n for n, r in enumerate(problem.response_tokens.tolist())}
-    prompt_length, length = len(task.prompt_token_ids[0]), problem.max_new_tokens
+    problem, prompt_length = task.problem, len(task.prompt_token_ids[0])
+    decode = lambda ids: task.tokenizer.batch_decode(ids, skip_special_tokens=True)  # noqa: E731
+    prompts = problem.prompt_indices(decode(rows[:, :prompt_length]))
+    responses = problem.response_indices(decode(rows[:, prompt_length:prompt_length + problem.max_new_tokens]))
     mask = torch.zeros(len(task.prompt_token_ids), problem.num_responses, dtype=torch.bool)
-    for row in rows.tolist():
-        response = row[prompt_length:prompt_length + length]
-        mask[prompt_of[tuple(row[:prompt_length])], index[tuple(position[t] for t in response)]] = True
+    mask[prompts, responses] = True
     return mask
 
 
