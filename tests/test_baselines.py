@@ -8,7 +8,7 @@ import torch
 
 from dualign import tasks
 from dualign.config import ConfigError, validate
-from dualign.core.duality import log_space_dual_step, projected_dual_step
+from dualign.core.dual_steps import log_space_dual_step, projected_dual_step
 from dualign.run import run
 from dualign.training.fit import PairData
 

@@ -4,10 +4,10 @@ import itertools
 import pytest
 import torch
 
+from dualign.core.dual_steps import box_qp, newton_dual_step, projected_dual_step, within_prompt_scatter
 from dualign.core.duality import (
     InfeasibleError,
     dual_terms,
-    projected_dual_step,
     solve_dual,
     tilted_log_weights,
 )
@@ -153,3 +153,95 @@ def test_infeasible_threshold_is_reported():
     reward, utility, reference_mean, _, beta, log_base = random_instance(8, 1)
     with pytest.raises(InfeasibleError, match="not achievable"):
         solve_dual(reward, utility, reference_mean, torch.tensor([100.0]), beta, log_base=log_base)
+
+
+def _brute_force_box_qp(hessian, linear, lower, upper):
+    """Every active set (each coordinate free, at its lower or at its upper bound): solve the free block, keep the
+    points inside the box, return the one of least value (the QP is convex, so that is the minimiser)."""
+    best, best_value = None, float("inf")
+    m = linear.numel()
+    for states in itertools.product("fLU", repeat=m):
+        point = torch.where(torch.tensor([s == "L" for s in states]), lower, upper)
+        free = torch.tensor([s == "f" for s in states])
+        if free.any():
+            rest = ~free
+            rhs = -(linear[free] + hessian[free][:, rest] @ point[rest])
+            point[free] = torch.linalg.solve(hessian[free][:, free], rhs)
+        if (point < lower - 1e-12).any() or (point > upper + 1e-12).any():
+            continue
+        value = float(linear @ point + 0.5 * point @ hessian @ point)
+        if value < best_value:
+            best, best_value = point, value
+    return best
+
+
+def test_box_qp_matches_brute_force_over_every_active_set():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        m = int(torch.randint(1, 4, (1,), generator=generator))
+        root = torch.randn(m, m, generator=generator)
+        hessian = root @ root.T + 0.05 * torch.eye(m)
+        linear = 2 * torch.randn(m, generator=generator)
+        lower = -torch.rand(m, generator=generator) * 2
+        upper = torch.rand(m, generator=generator) * 2
+        assert torch.allclose(box_qp(hessian, linear, lower, upper), _brute_force_box_qp(hessian, linear, lower, upper),
+                              atol=1e-8)
+
+
+def test_newton_dual_step_for_two_constraints_is_the_projected_qp_not_a_clip():
+    hessian = torch.tensor([[1.0, 0.9], [0.9, 1.0]])
+    multipliers = torch.tensor([0.2, 0.5])
+    slack = torch.tensor([0.6, 0.5])  # both over-satisfied: lambda falls, the first one below 0 unprojected
+    newton = newton_dual_step(multipliers, slack, hessian=hessian, trust_radius=100.0)
+    # brute force over lambda' >= 0 of u . d + d' H d / 2, d = lambda' - lambda, on a fine grid
+    grid = torch.linspace(0, 1.5, 1501)
+    a, b = torch.meshgrid(grid, grid, indexing="ij")
+    d = torch.stack([a - multipliers[0], b - multipliers[1]], dim=-1)
+    value = d @ slack + 0.5 * torch.einsum("...i,ij,...j->...", d, hessian, d)
+    index = int(value.argmin())
+    brute = torch.stack([a.flatten()[index], b.flatten()[index]])
+    assert torch.allclose(newton, brute, atol=1e-3)
+    assert torch.allclose(newton, _brute_force_box_qp(hessian, slack, -multipliers, torch.full((2,), 100.0))
+                          + multipliers, atol=1e-9)
+    clipped = (multipliers - torch.linalg.solve(hessian, slack)).clamp(min=0)
+    assert (newton - clipped).abs().max() > 0.1  # the clip keeps the second multiplier's step meant for lambda_1 < 0
+
+
+def test_newton_dual_step_inside_the_bounds_is_lambda_minus_h_inverse_u_and_the_trust_region_bounds_it():
+    hessian = torch.tensor([[2.0, 0.3], [0.3, 0.5]])
+    multipliers, slack = torch.tensor([3.0, 2.0]), torch.tensor([0.4, -0.2])
+    assert torch.allclose(newton_dual_step(multipliers, slack, hessian=hessian),
+                          multipliers - torch.linalg.solve(hessian, slack), atol=1e-9)
+    nearly_flat = torch.tensor([[1e-9]])  # a constraint the samples hardly vary on: the step stops at the region
+    assert torch.allclose(newton_dual_step(torch.tensor([0.5]), torch.tensor([-0.3]), hessian=nearly_flat),
+                          torch.tensor([1.5]))
+    assert torch.allclose(newton_dual_step(torch.tensor([4.0]), torch.tensor([-0.3]), hessian=nearly_flat),
+                          torch.tensor([8.0]))  # default region: at most double lambda
+    assert torch.allclose(newton_dual_step(torch.tensor([4.0]), torch.tensor([-0.3]), 1.0, 5.0, nearly_flat),
+                          torch.tensor([5.0]))  # and never past max_multiplier
+    with pytest.raises(ValueError, match="Hessian"):
+        newton_dual_step(multipliers, slack)
+
+
+def test_newton_dual_steps_on_the_plug_in_dual_reach_its_minimiser_in_a_few_steps():
+    generator = torch.Generator().manual_seed(3)
+    reward, utility = torch.randn(6, 50, generator=generator), torch.randn(2, 6, 50, generator=generator)
+    reference_mean, threshold = utility.mean(dim=(1, 2)), torch.tensor([0.4, 0.1])
+    solution = solve_dual(reward, utility, reference_mean, threshold, 1.0)
+    multipliers = torch.zeros(2)
+    for _ in range(8):
+        terms = dual_terms(reward, utility, reference_mean, threshold, multipliers, 1.0)
+        multipliers = newton_dual_step(multipliers, terms.gradient, hessian=terms.hessian)
+    assert torch.allclose(multipliers, solution.multipliers, atol=1e-6)
+
+
+def test_within_prompt_scatter_is_the_covariance_about_each_prompts_own_mean():
+    utility = torch.tensor([[1.0, 3.0, 10.0, 14.0, 12.0], [0.0, 2.0, 5.0, 5.0, 5.0]])
+    scatter, dof = within_prompt_scatter(utility, torch.tensor([0, 0, 1, 1, 1]))
+    assert dof == 3
+    expected = torch.zeros(2, 2)
+    for columns in ([0, 1], [2, 3, 4]):
+        centred = utility[:, columns] - utility[:, columns].mean(-1, keepdim=True)
+        expected += centred @ centred.T
+    assert torch.allclose(scatter, expected)
+    assert scatter[0, 0] == 2 + 8  # the spread between prompts (means 2 and 12) is not in it

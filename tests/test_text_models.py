@@ -115,6 +115,37 @@ def test_lora_reference_is_the_base_model_with_adapters_off(models, tmp_path):
         assert torch.allclose(reloaded(input_ids=ids).logits, policy(input_ids=ids).logits, atol=1e-5)
 
 
+def test_a_later_stage_continues_from_the_lora_policy_and_is_referenced_to_it(models):
+    """SACPO on a text task: the trained adapters fold into the base, fresh adapters go on top, and the reference is
+    that network with its adapters off; P-SACPO's merge scales the new adapters."""
+    from types import SimpleNamespace
+
+    from dualign.tasks.text import TextTask
+
+    cfg = _policy_cfg(models)
+    task = SimpleNamespace(cfg=SimpleNamespace(model=cfg))
+    policy = load_policy(cfg)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in policy.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
+    ids = torch.randint(3, 200, (2, 12))
+    logits = lambda model: model(input_ids=ids).logits  # noqa: E731
+    with torch.no_grad():
+        first = logits(policy.eval())
+        continued, reference = TextTask.continue_from(task, None, policy)
+        assert torch.allclose(logits(reference), first, atol=1e-4) and torch.allclose(logits(continued), first, atol=1e-4)
+        assert all("lora_" in n for n, p in continued.named_parameters() if p.requires_grad)
+        for name, parameter in continued.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
+        second = logits(continued.eval())
+        assert not torch.allclose(second, first, atol=1e-3) and torch.allclose(logits(reference), first, atol=1e-4)
+        assert torch.allclose(logits(TextTask.interpolate(task, reference, continued, 1.0)), second, atol=1e-5)
+        assert torch.allclose(logits(TextTask.interpolate(task, reference, continued, 0.0)), first, atol=1e-4)
+
+
 def test_without_lora_the_reference_is_a_frozen_copy(models):
     cfg = _policy_cfg(models)
     cfg.lora.enabled = False

@@ -76,6 +76,18 @@ def test_pku_safety_tiny_end_to_end_and_evaluate_command(tmp_path, cache_dir):
     assert again["kl"] == pytest.approx(evaluation["kl"], abs=1e-3)
     assert [(p / "key.json").stat().st_mtime_ns for p in rollout_caches] == stamps  # pi_ref's test rollouts reused
 
+    # the threshold advisor reads the same cached pi_ref rollouts of the training split
+    advised = tmp_path / "advised"
+    result = _cli(["-m", "dualign.advise"], tmp_path, cache_dir, f"hydra.run.dir={advised}", "advise.resamples=20",
+                  "advise.thresholds=[0.5,1,100]")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [(p / "key.json").stat().st_mtime_ns for p in rollout_caches] == stamps
+    advice = json.loads((advised / "advice.json").read_text())
+    assert [row["threshold"][0] for row in advice["rows"]] == sorted({0.5, 1.0, 100.0, summary["threshold"][0]})
+    assert advice["rows"][-1]["estimate"] is None and "beyond the samples' reach" in result.stdout
+    assert advice["exact_edge"] is None and 0 < advice["edge"]["edge"][0] < 100
+    assert (advised / "advice.png").stat().st_size > 0
+
 
 def test_evaluate_command_without_a_policy_is_a_one_line_error(tmp_path, cache_dir):
     result = _cli(["-m", "dualign.evaluate"], tmp_path, cache_dir, f"hydra.run.dir={tmp_path / 'x'}")

@@ -17,6 +17,7 @@ from dualign.tracking import mlflow, outputs
 from dualign.tracking.summary import RunSummary
 from dualign.training import checkpoints
 from dualign.training.fit import initial_multipliers, train_policy
+from dualign.training.stepwise import train_stepwise
 from dualign.util import distributed, lifecycle, timing
 from dualign.util.console import quiet_libraries
 
@@ -72,8 +73,9 @@ def _run(cfg: TrainConfig, raw_cfg: DictConfig, output_dir: Path, ckpt_path: str
     iterations, epochs = algorithm.schedule(cfg.algorithm.iterations, cfg.algorithm.epochs_per_iteration)
 
     tic = time.perf_counter()
-    trained = train_policy(context, algorithm, initial_multipliers(context, algorithm), iterations, epochs, output_dir,
-                           logger, ckpt_path, checkpoint=True, evaluator=evaluator)
+    train = train_stepwise if algorithm.stepwise else train_policy
+    trained = train(context, algorithm, initial_multipliers(context, algorithm), iterations, epochs, output_dir,
+                    logger, ckpt_path, checkpoint=True, evaluator=evaluator)
     timings[f"{algorithm.name} training"] = time.perf_counter() - tic
     comparison = None
     if algorithm.compares_one_shot and cfg.algorithm.compare_one_shot:  # same instance, same epoch budget

@@ -25,6 +25,7 @@ class AlgorithmSpec:
     needs_constraints: bool
     compares_one_shot: bool = False  # algorithm.compare_one_shot trains one_shot beside it
     policy_steps: tuple[str, ...] | None = None  # the policy steps it works with (None: any)
+    stepwise: bool = False  # one DPO run per objective in turn (training/stepwise.py), not one run on the Lagrangian
 
     @property
     def updates_multipliers(self) -> bool:
@@ -40,6 +41,16 @@ class AlgorithmSpec:
         if self.policy_steps is not None and cfg.policy_step.name not in self.policy_steps:
             raise ConfigError(f"algorithm.name={self.name} needs policy_step={' or '.join(self.policy_steps)} (its dual "
                               f"step uses the policy step's own samples), not policy_step.name={cfg.policy_step.name!r}")
+        if self.stepwise and cfg.ckpt_path is not None:
+            raise ConfigError(f"ckpt_path is set; algorithm.name={self.name} trains in stages and does not resume")
+        if cfg.algorithm.merge_weight is not None and not self.stepwise:
+            raise ConfigError(f"algorithm.merge_weight is P-SACPO's; algorithm.name={self.name} has no stages to merge")
+        if cfg.algorithm.merge_weight is not None and len(cfg.constraints) != 1:
+            raise ConfigError("algorithm.merge_weight merges the reward-aligned and the final policy of ONE constraint; "
+                              f"this config has {len(cfg.constraints)}")
+        if self.trigger == Trigger.steps and cfg.algorithm.dual_rule == "newton":
+            raise ConfigError(f"algorithm.dual_rule=newton needs a dual step per iteration (its curvature comes from a "
+                              f"fresh on-policy sample); algorithm.name={self.name} updates lambda every k steps")
         if self.trigger == Trigger.steps and cfg.algorithm.dual_every_steps is None:
             raise ConfigError(f"algorithm.dual_every_steps is null; algorithm.name={self.name} updates lambda every k steps")
 
@@ -54,6 +65,10 @@ ALGORITHMS = {spec.name: spec for spec in (
     AlgorithmSpec("primal_dual", "Safe RLHF-style: policy gradient with a dual step every k optimiser steps",
                   Trigger.steps, warm_start=False, iterative=True, needs_constraints=True,
                   policy_steps=("policy_gradient",)),
+    AlgorithmSpec("sacpo", "stepwise (SACPO): reward DPO from pi_ref, then each utility's DPO from and referenced to the "
+                  "last stage at temperature beta / lambda_i; lambda given, never updated",
+                  Trigger.never, warm_start=True, iterative=False, needs_constraints=True, policy_steps=("dpo",),
+                  stepwise=True),
 )}
 
 

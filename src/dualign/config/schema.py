@@ -39,6 +39,7 @@ class PairScheme(StrEnum):
 class DualRule(StrEnum):
     projected = "projected"  # lambda <- max(0, lambda - eta u)
     log = "log"  # ln lambda += alpha lambda (-u) (Safe RLHF)
+    newton = "newton"  # lambda <- the trust-region Newton step on the dual, curvature Cov(g) / beta measured on-policy
 
 
 class DualEstimator(StrEnum):
@@ -126,8 +127,10 @@ class AlgorithmConfig:
     max_multiplier: Optional[float] = None
     compare_one_shot: bool = True  # also train one_shot on the same instance and report it beside (caid)
     initial_multiplier: Optional[float] = None  # None: the one-shot lambda* where the algorithm warm-starts, else 0
-    step_size: float = 1.0  # eta (projected rule) or alpha (log rule), for constraints that set none
+    step_size: float = 1.0  # eta (projected rule) or alpha (log rule), for constraints that set none (newton: unused)
     dual_rule: DualRule = DualRule.projected
+    trust_radius: Optional[float] = None  # newton: the largest move of a multiplier per step (None: max(1, max lambda))
+    merge_weight: Optional[float] = None  # sacpo: P-SACPO's q, weights reward-aligned + q (final - reward-aligned)
     dual_every_steps: Optional[int] = None  # a dual step every k optimiser steps (step-triggered algorithms)
 
     def check(self, cfg: "TrainConfig") -> None:
@@ -137,6 +140,10 @@ class AlgorithmConfig:
             positive("algorithm.dual_every_steps", self.dual_every_steps)
         if self.max_multiplier is not None:
             positive("algorithm.max_multiplier", self.max_multiplier)
+        if self.trust_radius is not None:
+            positive("algorithm.trust_radius", self.trust_radius, strict=True)
+        if self.merge_weight is not None:
+            positive("algorithm.merge_weight", self.merge_weight, strict=False)
         # the log-space rule multiplies lambda, so it can never leave 0
         strict = self.dual_rule == DualRule.log
         if self.initial_multiplier is not None:
@@ -215,6 +222,22 @@ class EvaluationConfig:
     def check(self, cfg: "TrainConfig") -> None:
         positive("evaluation.samples_per_prompt", self.samples_per_prompt)
         positive("evaluation.samples_logged", self.samples_logged, strict=False)
+
+
+@dataclass
+class AdviseConfig:
+    """`dualign-advise` only (training reads none of it): the thresholds it predicts for, from pi_ref's rollouts."""
+    constraint: Optional[str] = None  # the constraint whose b varies (None: the first); the others keep their b
+    thresholds: Optional[list[float]] = None  # improvements b to predict for (None: 10 from 5% to 95% of the edge)
+    resamples: int = 200  # bootstrap resamples over prompts for the 95% intervals
+
+    def check(self, cfg: "TrainConfig") -> None:
+        positive("advise.resamples", self.resamples, strict=False)
+        if self.constraint is not None and self.constraint not in cfg.constraints:
+            raise ConfigError(f"advise.constraint={self.constraint!r} is not a constraint of this config "
+                              f"(constraints: {', '.join(cfg.constraints) or 'none'})")
+        for value in self.thresholds or []:
+            positive("advise.thresholds[]", value, strict=False)
 
 
 @dataclass
@@ -333,6 +356,7 @@ class TrainConfig:
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    advise: AdviseConfig = field(default_factory=AdviseConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)

@@ -62,7 +62,7 @@ def validate(cfg: DictConfig | dict, scorer_names: tuple[str, ...] | None = None
 
     positive("beta", typed.beta)
     algorithm = spec(typed.algorithm.name)
-    for section in (typed.algorithm, typed.policy_step, typed.reference, typed.generation, typed.evaluation,
+    for section in (typed.algorithm, typed.policy_step, typed.reference, typed.generation, typed.evaluation, typed.advise,
                     typed.trainer, typed.optimizer, typed.data, typed.model):
         section.check(typed)
     algorithm.check(typed)

@@ -119,7 +119,7 @@ def solve_dual(
         return lambda lam: dual_terms(reward, utility, reference_mean, threshold, lam, b, log_base)
 
     def infeasible(lam, slack):
-        best = _largest_improvements(utility, reference_mean, log_base)
+        best = largest_improvements(utility, reference_mean, log_base)
         return InfeasibleError(
             f"threshold(s) {[round(b, 6) for b in threshold.tolist()]} are not achievable on these candidates: the "
             f"largest improvements they allow are {[round(b, 6) for b in best]} (lambda > {max_multiplier:g}, "
@@ -176,7 +176,7 @@ def _newton(terms, multipliers, tolerance, max_iterations, max_multiplier, infea
     return DualSolution(multipliers, current.value.item(), current.gradient, max_iterations, False)
 
 
-def _largest_improvements(utility, reference_mean, log_base) -> list[float]:
+def largest_improvements(utility, reference_mean, log_base) -> list[float]:
     """Per constraint, the largest E[g] - E_ref[g] any policy on the candidates reaches (the best candidate of every
     prompt, among those the base measure gives weight)."""
     if log_base is None:
@@ -225,29 +225,3 @@ def require_converged(solution: DualSolution, what: str) -> DualSolution:
         raise ArithmeticError(f"{what}: the dual solve did not converge after {solution.iterations} iterations "
                               f"(lambda {solution.multipliers.tolist()}, slack {solution.gradient.tolist()})")
     return solution
-
-
-def projected_dual_step(
-    multipliers: torch.Tensor, slack: torch.Tensor, step_size: torch.Tensor | float, max_multiplier: float | None = None
-) -> torch.Tensor:
-    """CAID's dual step: lambda <- max(0, lambda - eta * u), u the measured slack (mean g - E_ref[g] - b).
-
-    A constraint the policy over-satisfies (u > 0) gets a smaller multiplier, one it misses a larger one.
-    """
-    updated = (multipliers - torch.as_tensor(step_size, dtype=multipliers.dtype) * slack).clamp(min=0)
-    return updated if max_multiplier is None else updated.clamp(max=max_multiplier)
-
-
-def log_space_dual_step(
-    multipliers: torch.Tensor, slack: torch.Tensor, step_size: torch.Tensor | float, max_multiplier: float | None = None
-) -> torch.Tensor:
-    """Safe RLHF's dual step: ln lambda <- ln lambda + alpha * lambda * violation, violation = -u, lambda capped.
-
-    Multiplicative, so lambda stays positive (and a lambda of 0 stays 0: start it above 0).
-    """
-    violation = -slack
-    updated = multipliers * torch.exp(torch.as_tensor(step_size, dtype=multipliers.dtype) * multipliers * violation)
-    return updated if max_multiplier is None else updated.clamp(max=max_multiplier)
-
-
-DUAL_STEPS = {"projected": projected_dual_step, "log": log_space_dual_step}

@@ -106,8 +106,11 @@ def load_policy(cfg: HFModelConfig):
     model = load_causal_lm(cfg).to(resolve_device(cfg.device))
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if not cfg.lora.enabled:
-        return model
+    return with_adapters(model, cfg) if cfg.lora.enabled else model
+
+
+def with_adapters(model, cfg: HFModelConfig):
+    """model.lora's adapters (identity at init) on `model`."""
     from peft import LoraConfig, get_peft_model
 
     target = cfg.lora.target_modules
@@ -117,6 +120,15 @@ def load_policy(cfg: HFModelConfig):
                                                 lora_dropout=cfg.lora.dropout, target_modules=target))
     except ValueError as error:  # e.g. target modules that the architecture does not have
         raise LoadError(f"model.lora.target_modules={target}: {str(error).splitlines()[0]}") from None
+
+
+def scale_adapters(policy, weight: float) -> None:
+    """Multiply every LoRA adapter's contribution by weight: base + weight * BA."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in policy.modules():
+        if isinstance(module, LoraLayer):
+            module.scale_layer(weight)
 
 
 class AdapterDisabled(torch.nn.Module):

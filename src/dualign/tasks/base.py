@@ -7,14 +7,41 @@ which kind of task it runs.
 """
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
+from dualign.core.advice import edge_warning
 from dualign.core.duality import InfeasibleError, require_converged, solve_dual
 from dualign.errors import ConfigError
-from dualign.training.context import RunContext
+from dualign.training.context import Enumeration, RunContext
+
+log = logging.getLogger("dualign")
+
+
+@dataclass(frozen=True)
+class ReferenceStage:
+    """pi_ref and its scored rollouts: what a run's statistics and pairs come from, and what `dualign-advise` reads."""
+
+    reference: torch.nn.Module
+    scorers: object  # models.scorers.ScorerSet
+    sampler: object  # models.sampling.Sampler
+    prompts: tuple[int, ...]  # the training prompts with rollouts
+    samples: int  # responses per prompt
+    rollouts: object
+    scores: torch.Tensor  # [1 + m, prompts * samples], prompt-major
+    cache_key: dict | None = None  # what the rollouts were cached under (their reference log-probs are cached under it)
+
+    @property
+    def reward(self) -> torch.Tensor:
+        return self.scores[0].view(len(self.prompts), self.samples)
+
+    @property
+    def utility(self) -> torch.Tensor:
+        return self.scores[1:].view(-1, len(self.prompts), self.samples)
 
 
 class Evaluator(Protocol):
@@ -40,9 +67,22 @@ class Task(Protocol):
     description: str  # "the exact task", "pku_saferlhf (16 test prompts)": for titles
     evaluates_every_iteration: bool  # the evaluator runs after every iteration (cheap, or asked for)
 
+    def reference_stage(self) -> ReferenceStage:
+        """pi_ref, the scorers, the sampler and pi_ref's scored rollouts (cached on disk where the task caches)."""
+
+    def enumeration(self, stage: ReferenceStage) -> Enumeration | None:
+        """Exact log-probabilities and the enumerated problem, where the task's responses can be enumerated."""
+
     def prepare(self) -> RunContext: ...
 
     def new_policy(self, context: RunContext) -> torch.nn.Module: ...
+
+    def continue_from(self, context: RunContext, policy: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """(a trainable policy that starts at `policy`, a frozen reference equal to `policy`): a stepwise algorithm's
+        next stage, trained from and referenced to the last (`policy` itself may be consumed)."""
+
+    def interpolate(self, start: torch.nn.Module, end: torch.nn.Module, weight: float) -> torch.nn.Module:
+        """The policy with weights start + weight (end - start), where end continued from start (P-SACPO's merge)."""
 
     def pairs(self, context: RunContext, rollouts, scores: torch.Tensor, cache_key: dict | None = None): ...
 
@@ -58,11 +98,15 @@ def thresholds(cfg, reference_mean: torch.Tensor) -> torch.Tensor:
                          for i, c in enumerate(cfg.constraints.values())])
 
 
-def reference_statistics(cfg, scores: torch.Tensor, prompts: int, samples: int):
-    """From pi_ref's scored rollouts ([1 + m, prompts * samples]): E_ref[g], the thresholds b and the one-shot lambda*."""
-    reward, utility = scores[0].view(prompts, samples), scores[1:].view(-1, prompts, samples)
+def reference_statistics(cfg, stage: ReferenceStage):
+    """From pi_ref's scored rollouts: E_ref[g], the thresholds b and the one-shot lambda*; a warning first when a b is
+    near the edge of what the samples support (an unreachable one is a one-line error)."""
+    reward, utility = stage.reward, stage.utility
     reference_mean = utility.mean(dim=(1, 2))
     threshold = thresholds(cfg, reference_mean)
+    warning = edge_warning(list(cfg.constraints), threshold, utility)
+    if warning:
+        log.warning(warning)
     return reference_mean, threshold, one_shot_multipliers(cfg, reward, utility, reference_mean, threshold)
 
 
@@ -71,5 +115,6 @@ def one_shot_multipliers(cfg, reward, utility, reference_mean, threshold) -> tor
     try:
         solution = solve_dual(reward, utility, reference_mean, threshold, cfg.beta)
     except InfeasibleError as error:
-        raise ConfigError(f"constraints ({', '.join(f'{n}.threshold' for n in cfg.constraints)}): {error}") from None
+        raise ConfigError(f"constraints ({', '.join(f'{n}.threshold' for n in cfg.constraints)}): {error}; "
+                          f"`dualign-advise` prints the reachable range and the cost of each threshold") from None
     return require_converged(solution, "the one-shot lambda on pi_ref's samples").multipliers.float()

@@ -12,7 +12,7 @@ import torch
 from dualign.core.oracle import ExactOracle, Instance
 from dualign.models.sampling import Sampler
 from dualign.models.scorers import ScorerSet
-from dualign.tasks.base import reference_statistics, thresholds
+from dualign.tasks.base import ReferenceStage, reference_statistics, thresholds
 from dualign.tasks.exact_problem import ExactProblem, reference_policy
 from dualign.training.context import Enumeration, RunContext
 from dualign.training.data import policy_step_data
@@ -31,7 +31,7 @@ class ExactTask:
         self.tokenizer, self.allowed_token_ids = self.problem.tokenizer, self.problem.allowed_token_ids
         self.max_new_tokens = self.min_new_tokens = cfg.data.response_length  # every response has this length
 
-    def prepare(self) -> RunContext:
+    def reference_stage(self) -> ReferenceStage:
         cfg, problem = self.cfg, self.problem
         reference = reference_policy(problem, cfg.model, cfg.paths.cache_dir)
         scorers = ScorerSet(cfg, available=problem.scorers())  # the tables, and any configured scorer beside them
@@ -40,12 +40,18 @@ class ExactTask:
         P, samples = len(self.prompts), cfg.reference.samples_per_prompt
         # pi_ref rollouts: DPO pairs, E_ref[g] and the one-shot plug-in dual all come from these samples
         rollouts, scores = sampler.sample(reference, self, range(P), samples, seed=cfg.seed)
-        reference_mean, threshold, one_shot = reference_statistics(cfg, scores, P, samples)
-        context = RunContext(cfg, self, reference, scorers, sampler, tuple(range(P)), reference_mean, threshold,
-                             one_shot, pairs=None)
-        pairs = self.pairs(context, rollouts, scores) if cfg.policy_step.name == "dpo" else None
-        return replace(context, pairs=pairs, enumeration=Enumeration(problem.enumerate_logprobs,
-                                                                     self._oracle(reference, scorers)))
+        return ReferenceStage(reference, scorers, sampler, tuple(range(P)), samples, rollouts, scores)
+
+    def enumeration(self, stage: ReferenceStage) -> Enumeration:
+        return Enumeration(self.problem.enumerate_logprobs, self._oracle(stage.reference, stage.scorers))
+
+    def prepare(self) -> RunContext:
+        cfg, stage = self.cfg, self.reference_stage()
+        reference_mean, threshold, one_shot = reference_statistics(cfg, stage)
+        context = RunContext(cfg, self, stage.reference, stage.scorers, stage.sampler, stage.prompts, reference_mean,
+                             threshold, one_shot, pairs=None, rollouts=stage.rollouts, scores=stage.scores)
+        pairs = self.pairs(context, stage.rollouts, stage.scores) if cfg.policy_step.name == "dpo" else None
+        return replace(context, pairs=pairs, enumeration=self.enumeration(stage))
 
     def _oracle(self, reference, scorers: ScorerSet) -> ExactOracle:
         """The exact instance: every response of every prompt, scored by the run's scorers."""
@@ -60,10 +66,16 @@ class ExactTask:
 
     def new_policy(self, context: RunContext) -> torch.nn.Module:
         """A trainable copy of pi_ref."""
-        reference = context.reference
-        policy = type(reference)(reference.config)
-        policy.load_state_dict(reference.state_dict())
-        return policy
+        return _copy(context.reference)
+
+    def continue_from(self, context: RunContext, policy: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+        return _copy(policy).train(), _copy(policy).eval().requires_grad_(False)
+
+    def interpolate(self, start: torch.nn.Module, end: torch.nn.Module, weight: float) -> torch.nn.Module:
+        merged, first = _copy(end), start.state_dict()
+        merged.load_state_dict({k: first[k] + weight * (v - first[k]) if v.is_floating_point() else v
+                                for k, v in end.state_dict().items()})
+        return merged.eval()
 
     def pairs(self, context: RunContext, rollouts, scores: torch.Tensor, cache_key: dict | None = None):
         cfg = self.cfg
@@ -81,6 +93,12 @@ class ExactTask:
         with torch.no_grad(), timing.stage("exact evaluation (enumeration)"):
             np.savez(files[1], logprob=self.problem.enumerate_logprobs(policy).double().numpy())
         return files, {}
+
+
+def _copy(model: torch.nn.Module) -> torch.nn.Module:
+    copy = type(model)(model.config)
+    copy.load_state_dict(model.state_dict())
+    return copy
 
 
 class ExactEvaluator:

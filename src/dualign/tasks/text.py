@@ -7,6 +7,7 @@ split (tasks/text_evaluation.py).
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -16,11 +17,20 @@ from pathlib import Path
 import torch
 
 from dualign.errors import ConfigError
-from dualign.models.hf import PromptFormatter, fingerprint, load_policy, load_tokenizer, reference_for, save_policy
+from dualign.models.hf import (
+    PromptFormatter,
+    fingerprint,
+    load_policy,
+    load_tokenizer,
+    reference_for,
+    save_policy,
+    scale_adapters,
+    with_adapters,
+)
 from dualign.models.rollout import Rollouts
 from dualign.models.sampling import Sampler
 from dualign.models.scorers import ScorerSet
-from dualign.tasks.base import reference_statistics
+from dualign.tasks.base import ReferenceStage, reference_statistics
 from dualign.tasks.text_cache import reference_logps, scored_rollouts
 from dualign.tasks.text_data import load_split
 from dualign.tasks.text_evaluation import TextEvaluator
@@ -70,15 +80,12 @@ class TextTask:
         return Sampler(self.cfg.generation, self.tokenizer, self.max_new_tokens, self.min_new_tokens, None, scorers,
                        vllm_settings=self.cfg, reference=reference)
 
-    def prepare(self) -> RunContext:
+    def reference_stage(self) -> ReferenceStage:
         cfg, P = self.cfg, len(self.prompts)
-        if cfg.algorithm.dual_prompts > P:
-            raise ConfigError(f"algorithm.dual_prompts={cfg.algorithm.dual_prompts} exceeds the {P} training prompts")
         self._loaded_policy = load_policy(cfg.model)
         reference = reference_for(self._loaded_policy, cfg.model)
         scorers = ScorerSet(cfg)
         sampler = self.sampler(scorers, reference)
-
         # the rollout stage for pi_ref: E_ref[g] and the one-shot plug-in dual (and DPO pairs with pairs_from=reference)
         count = min(P, cfg.reference.prompts or P)
         generator = torch.Generator().manual_seed(seeds.seed("reference_prompts", cfg.seed))
@@ -89,11 +96,24 @@ class TextTask:
         rollouts, scores = scored_rollouts(
             cfg, scorers, "rollouts", key,
             lambda: sampler.sample(reference, self, prompts, samples, cfg.seed, score=False)[0], count * samples)
-        reference_mean, threshold, one_shot = reference_statistics(cfg, scores, count, samples)
+        return ReferenceStage(reference, scorers, sampler, prompts, samples, rollouts, scores, key)
+
+    def enumeration(self, stage: ReferenceStage) -> None:
+        return None  # open-ended text: responses cannot be enumerated
+
+    def prepare(self) -> RunContext:
+        cfg, P = self.cfg, len(self.prompts)
+        if cfg.algorithm.dual_prompts > P:
+            raise ConfigError(f"algorithm.dual_prompts={cfg.algorithm.dual_prompts} exceeds the {P} training prompts")
+        stage = self.reference_stage()
+        reference, scorers, sampler, prompts, rollouts = (stage.reference, stage.scorers, stage.sampler, stage.prompts,
+                                                          stage.rollouts)
+        reference_mean, threshold, one_shot = reference_statistics(cfg, stage)
         log.info("pi_ref: E_ref[g] = %s from %d prompts x %d responses; one-shot lambda = %s",
-                 [round(v, 4) for v in reference_mean.tolist()], count, samples, [round(v, 4) for v in one_shot.tolist()])
+                 [round(v, 4) for v in reference_mean.tolist()], len(prompts), stage.samples,
+                 [round(v, 4) for v in one_shot.tolist()])
         context = RunContext(cfg, self, reference, scorers, sampler, prompts, reference_mean, threshold, one_shot,
-                             pairs=None)
+                             pairs=None, rollouts=rollouts, scores=stage.scores)
         if cfg.policy_step.name != "dpo":
             return context
         if cfg.policy_step.pairs_from == "dataset":
@@ -101,8 +121,9 @@ class TextTask:
             _, scores = scored_rollouts(cfg, scorers, "dataset_scores", key, lambda: pair_rollouts,
                                         len(pair_rollouts.response_ids))
         else:  # pi_ref's rollouts (pairs_from=policy: iteration 0 trains on these too)
-            pair_rollouts = rollouts
-        return replace(context, pairs=self.pairs(context, pair_rollouts, scores, key))
+            pair_rollouts, scores, key = rollouts, stage.scores, stage.cache_key
+        return replace(context, pairs=self.pairs(context, pair_rollouts, scores, key), rollouts=pair_rollouts,
+                       scores=scores)
 
     def dataset_rollouts(self) -> Rollouts:
         """The dataset's own responses as rollouts of pi_ref (the paper's pairs: consecutive responses of a prompt)."""
@@ -132,6 +153,24 @@ class TextTask:
             policy, self._loaded_policy = self._loaded_policy, None
             return policy
         return load_policy(self.cfg.model)
+
+    def continue_from(self, context: RunContext, policy: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """With LoRA: the trained adapters folded into the base weights, fresh adapters on top; the reference is that
+        network with its adapters off (one copy in memory). Without: the policy trains on, beside a frozen copy."""
+        model = self.cfg.model
+        if model.lora.enabled:
+            continued = with_adapters(policy.merge_and_unload(), model)
+            return continued, reference_for(continued, model)
+        return policy, copy.deepcopy(policy).eval().requires_grad_(False)
+
+    def interpolate(self, start: torch.nn.Module, end: torch.nn.Module, weight: float) -> torch.nn.Module:
+        if self.cfg.model.lora.enabled:  # end = start's weights + fresh adapters (continue_from): scale the adapters
+            scale_adapters(end, weight)
+            return end.eval()
+        first = start.state_dict()
+        end.load_state_dict({k: first[k] + weight * (v - first[k]) if v.is_floating_point() else v
+                             for k, v in end.state_dict().items()})
+        return end.eval()
 
     def evaluator(self, context: RunContext) -> TextEvaluator:
         return TextEvaluator(self, context.reference, context.sampler, context.threshold)

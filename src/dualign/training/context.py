@@ -34,6 +34,8 @@ class RunContext:
     one_shot: torch.Tensor  # the plug-in lambda* on pi_ref's rollouts
     pairs: object | None  # DPO pairs with their reference log-probabilities (policy_step=dpo)
     enumeration: Enumeration | None = None
+    rollouts: object | None = None  # pi_ref's rollouts the pairs were built from, and their scores [1 + m, n]:
+    scores: torch.Tensor | None = None  # a stepwise algorithm re-pairs them under another reference and reward
 
     @property
     def names(self) -> list[str]:

@@ -3,24 +3,37 @@ history, and checkpoints them with the reference statistics.
 
 Two triggers share one update: after every E epochs (a CAID iteration) from a fresh on-policy estimate, or every k
 optimiser steps (primal-dual) from the running constraint statistics the policy step reports for its own samples.
-Two rules: the projected step of docs/method.md (caid) and Safe RLHF's log-space step."""
+Three rules (core/dual_steps.py): the projected step of docs/method.md (caid), Safe RLHF's log-space step, and a
+trust-region Newton step whose curvature Cov(g) / beta comes from the same on-policy samples as the slack."""
 from __future__ import annotations
 
+import functools
 import logging
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import lightning as L
 import torch
 
-from dualign.core.duality import DUAL_STEPS
+from dualign.core.dual_steps import DUAL_STEPS
 from dualign.util.metrics import flatten_metrics
 
 log = logging.getLogger("dualign")
 
 
+@dataclass
+class ConstraintSample:
+    """What one on-policy measurement of the constraints holds, as sums (so ranks add theirs): the mean of g is
+    total / count; the within-prompt covariance of g, scatter / dof, is the dual's curvature times beta."""
+
+    total: torch.Tensor  # [m] sum of each utility over the measured responses (or prompts, measured exactly)
+    count: float
+    scatter: torch.Tensor | None = None  # [m, m] sum of within-prompt centred outer products of g
+    dof: float = 0.0  # its degrees of freedom
+
+
 class ConstraintEstimator(Protocol):
-    def __call__(self, policy, iteration: int) -> tuple[torch.Tensor, int]:
-        """(sum over measured responses of each utility [m], number of responses)."""
+    def __call__(self, policy, iteration: int) -> ConstraintSample: ...
 
 
 class DualUpdate(L.Callback):
@@ -37,13 +50,18 @@ class DualUpdate(L.Callback):
         evaluator: Callable[[torch.nn.Module], dict] | None = None,
         rule: str = "projected",
         every_n_steps: int | None = None,
+        beta: float = 1.0,
+        trust_radius: float | None = None,
     ):
         self.estimator, self.names, self.update = estimator, names, update
         self.reference_mean = torch.as_tensor(reference_mean, dtype=torch.float32)
         self.threshold = torch.as_tensor(threshold, dtype=torch.float32)
         self.step_size = torch.as_tensor(step_size, dtype=torch.float32)
         self.epochs_per_iteration, self.max_multiplier, self.evaluator = epochs_per_iteration, max_multiplier, evaluator
-        self.rule, self.every_n_steps = DUAL_STEPS[rule], every_n_steps
+        self.rule, self.every_n_steps, self.beta = DUAL_STEPS[rule], every_n_steps, beta
+        self.uses_curvature = rule == "newton"
+        if self.uses_curvature:
+            self.rule = functools.partial(self.rule, trust_radius=trust_radius)
         self.iteration = 0
         self.history: list[dict] = []
         self._running = None  # (sum [m], count) since the last step-triggered update
@@ -70,7 +88,7 @@ class DualUpdate(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if self.every_n_steps is None and (trainer.current_epoch + 1) % self.epochs_per_iteration == 0:
-            self._dual_step(trainer, module, *self.estimator(module.policy, self.iteration))
+            self._dual_step(trainer, module, self.estimator(module.policy, self.iteration))
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         if self.every_n_steps is None:
@@ -86,19 +104,26 @@ class DualUpdate(L.Callback):
         # once per k optimiser steps: with gradient accumulation several micro-batches end on the same global step
         step = trainer.global_step
         if step > self._updated_at and step % self.every_n_steps == 0:
-            self._dual_step(trainer, module, *self._running)
+            self._dual_step(trainer, module, ConstraintSample(*self._running))
             self._running, self._updated_at = None, step
 
-    def _dual_step(self, trainer: L.Trainer, module: L.LightningModule, total: torch.Tensor, count) -> None:
+    def _dual_step(self, trainer: L.Trainer, module: L.LightningModule, sample: ConstraintSample) -> None:
         # sums and counts, reduced across ranks, so every rank takes the same step
-        total = trainer.strategy.reduce(total.to(module.device), reduce_op="sum").cpu()
-        count = trainer.strategy.reduce(torch.tensor(float(count), device=module.device), reduce_op="sum").cpu()
-        utility_mean = total / count
+        def total_of(value):
+            value = torch.as_tensor(value, dtype=torch.float32)
+            return trainer.strategy.reduce(value.to(module.device), reduce_op="sum").cpu()
+
+        utility_mean = total_of(sample.total) / total_of(float(sample.count))
         improvement = utility_mean - self.reference_mean
         slack = improvement - self.threshold
+        hessian = None
+        if self.uses_curvature:
+            if sample.scatter is None:
+                raise RuntimeError("the Newton dual step needs an estimator that measures the covariance of g")
+            hessian = total_of(sample.scatter) / total_of(float(sample.dof)).clamp(min=1.0) / self.beta
         used = module.multipliers.detach().cpu().clone()
         if self.update:
-            updated = self.rule(used, slack, self.step_size, self.max_multiplier)
+            updated = self.rule(used, slack, self.step_size, self.max_multiplier, hessian=hessian)
             if not torch.isfinite(updated).all():
                 raise FloatingPointError(f"multipliers became {updated.tolist()} at iteration {self.iteration + 1}")
             module.multipliers.copy_(updated.to(module.multipliers))
@@ -115,6 +140,8 @@ class DualUpdate(L.Callback):
             "multipliers": module.multipliers.detach().cpu().tolist(),
             "ranks": ranks,
         }
+        if hessian is not None:
+            record["hessian"] = hessian.tolist()
         if self.evaluator is not None:  # the policy of this iteration, measured by the task (exact/*, eval/*)
             record["evaluation"] = compact(self.evaluator(module.policy))
         self.history.append(record)

@@ -10,10 +10,11 @@ import lightning as L
 import torch
 
 from dualign.config import AlgorithmSpec, Trigger
+from dualign.core.dual_steps import within_prompt_scatter
 from dualign.training import checkpoints
 from dualign.training.context import RunContext
 from dualign.training.data import loader, prompt_batches, tokenized
-from dualign.training.dual_callback import DualUpdate
+from dualign.training.dual_callback import ConstraintSample, DualUpdate
 from dualign.training.module import AlignmentModule
 from dualign.training.policy_steps import DPOStep, ExactStep, GroupDPOStep, PolicyGradientStep
 from dualign.util import distributed, lifecycle, seeds, timing
@@ -83,18 +84,20 @@ POLICY_STEPS = {"dpo": _dpo, "exact": _exact, "policy_gradient": _policy_gradien
 
 def rollout_estimator(context: RunContext):
     """CAID's on-policy dual step: Q prompts x K responses of the current policy, the prompts sharded over ranks; the
-    callback reduces the (sum, count) of every rank."""
+    callback reduces the sums of every rank (the mean of g, and its within-prompt covariance for the Newton step)."""
     cfg = context.cfg
 
     def estimate(policy, iteration):
         generator = torch.Generator().manual_seed(seeds.seed("dual_prompts", cfg.seed, iteration))
         chosen = torch.randperm(len(context.task.prompts), generator=generator)[: cfg.algorithm.dual_prompts].tolist()
         mine = distributed.shard(chosen)
+        m = len(context.names)
         if not mine:
-            return torch.zeros(len(context.names)), 0
+            return ConstraintSample(torch.zeros(m), 0, torch.zeros(m, m), 0)
         seed = seeds.seed("dual_rollouts", cfg.seed, iteration, rank=distributed.rank())
-        _, scores = context.sample_and_score(policy, mine, cfg.algorithm.dual_samples, seed)
-        return scores[1:].sum(-1), scores.shape[-1]
+        rollouts, scores = context.sample_and_score(policy, mine, cfg.algorithm.dual_samples, seed)
+        scatter, dof = within_prompt_scatter(scores[1:], rollouts.prompt_index)
+        return ConstraintSample(scores[1:].sum(-1), scores.shape[-1], scatter.float(), dof)
 
     return estimate, context.reference_mean, context.threshold
 
@@ -108,9 +111,12 @@ def exact_estimator(context: RunContext):
         prompts = torch.tensor(distributed.shard(list(range(instance.reward.shape[0]))), dtype=torch.long)
         with torch.no_grad(), timing.stage("exact evaluation (enumeration)"):
             prob = enumeration.logprobs(policy, prompts).double().exp()
-        per_prompt = (prob * instance.utility[:, prompts]).sum(-1)  # exact E_pi[g | x], [m, prompts of this rank]
-        # one unit per prompt: summed and counted over ranks, the mean is the exact E_pi[g]
-        return per_prompt.sum(-1).float(), len(prompts)
+        utility = instance.utility[:, prompts]
+        per_prompt = (prob * utility).sum(-1)  # exact E_pi[g | x], [m, prompts of this rank]
+        centred = utility - per_prompt.unsqueeze(-1)
+        covariance = torch.einsum("ipn,jpn,pn->ij", centred, centred, prob)  # sum over prompts of Cov_pi(g | x)
+        # one unit per prompt: summed and counted over ranks, the means are the exact E_pi[g] and E_x Cov_pi(g | x)
+        return ConstraintSample(per_prompt.sum(-1).float(), len(prompts), covariance.float(), len(prompts))
 
     return estimate, instance.reference_mean, instance.threshold
 
@@ -139,11 +145,12 @@ def initial_multipliers(context: RunContext, algorithm: AlgorithmSpec) -> torch.
 
 def train_policy(context: RunContext, algorithm: AlgorithmSpec, multipliers: torch.Tensor, iterations: int, epochs: int,
                  output_dir: Path, logger=None, ckpt_path: str | None = None, checkpoint: bool = False,
-                 evaluator=None, callbacks: list | None = None) -> Trained:
+                 evaluator=None, callbacks: list | None = None, policy: torch.nn.Module | None = None) -> Trained:
     """Train a fresh copy of pi_ref for iterations x epochs epochs at `multipliers`, which the algorithm's trigger
-    updates (after every iteration, every k optimiser steps, or never: the constraint is then measured at the end)."""
+    updates (after every iteration, every k optimiser steps, or never: the constraint is then measured at the end).
+    `policy`: start from this one instead of a fresh copy of pi_ref (a stepwise algorithm's later stages)."""
     cfg = context.cfg
-    policy = context.task.new_policy(context)
+    policy = policy if policy is not None else context.task.new_policy(context)
     policy.train()
     step, data = POLICY_STEPS[cfg.policy_step.name](context, epochs)
     estimator, reference_mean, threshold = ESTIMATORS[cfg.algorithm.dual_estimator](context)
@@ -152,6 +159,7 @@ def train_policy(context: RunContext, algorithm: AlgorithmSpec, multipliers: tor
         update=algorithm.updates_multipliers, max_multiplier=cfg.algorithm.max_multiplier, evaluator=evaluator,
         rule=cfg.algorithm.dual_rule,
         every_n_steps=cfg.algorithm.dual_every_steps if algorithm.trigger == Trigger.steps else None,
+        beta=cfg.beta, trust_radius=cfg.algorithm.trust_radius,
     )
     module = AlignmentModule(policy, step, multipliers, cfg.optimizer, epochs)
     callbacks = [dual, *(callbacks or []), *extra_callbacks]

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Newton vs the fixed projected dual step on the exact task (issue 14): after how many CAID iterations the policy's
+# exact improvement is within 10% of b, over the study's 7 thresholds x 3 seeds, with the fixed step at its default
+# eta = 1 and at x0.3 and x3. Each part is a Hydra multirun of train.py (MLflow experiment dual-rules-<part>); the
+# report reads their summary.json files and writes docs/dual_rules.md with a PNG. About 45 minutes a start on 2 CPU
+# cores for the warm start (lambda_0 = the one-shot lambda*, the default); ONLY="newton_cold fixed_cold" runs the
+# same from lambda_0 = 0.
+#   bash sweeps/dual_rules.sh            # warm start: newton, fixed
+#   bash sweeps/dual_rules.sh report     # only regenerate docs/dual_rules.md from existing runs
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+OUT=outputs/dual_rules
+grid="constraints.safety.threshold=0.1,0.35,0.6,0.85,1.1,1.35,1.6 seed=0,1,2"
+common="trainer.enable_progress_bar=false algorithm.compare_one_shot=false ${DUAL_RULES_OVERRIDES:-}"
+sweep() {  # part name, then overrides
+  local part=$1; shift
+  rm -rf "$OUT/$part"
+  $PY train.py -m hydra.sweep.dir="$OUT/$part" hydra.sweep.subdir='${hydra.job.num}' \
+    logger.experiment_name="dual-rules-$part" $common $grid "$@"
+}
+only=${ONLY:-newton fixed}
+want() { [[ " $only " == *" $1 "* ]]; }
+if [ "${1:-all}" != report ]; then
+  want newton && sweep newton algorithm.dual_rule=newton
+  want fixed && sweep fixed algorithm.dual_rule=projected algorithm.step_size=0.3,1,3
+  want newton_cold && sweep newton_cold algorithm.dual_rule=newton algorithm.initial_multiplier=0
+  want fixed_cold && sweep fixed_cold algorithm.dual_rule=projected algorithm.step_size=0.3,1,3 \
+    algorithm.initial_multiplier=0
+fi
+$PY -m dualign.tools.dual_rule_report "$OUT" docs
