@@ -17,7 +17,10 @@ from dualign.tracking import mlflow, outputs
 from dualign.tracking.summary import RunSummary
 from dualign.training import checkpoints
 from dualign.training.fit import initial_multipliers, train_policy
+from dualign.training.preference import train_pecaid
 from dualign.training.stepwise import train_stepwise
+
+RUNNERS = {"lagrangian": train_policy, "stepwise": train_stepwise, "preference": train_pecaid}  # AlgorithmSpec.runner
 from dualign.util import distributed, lifecycle, timing
 from dualign.util.console import quiet_libraries
 
@@ -73,8 +76,7 @@ def _run(cfg: TrainConfig, raw_cfg: DictConfig, output_dir: Path, ckpt_path: str
     iterations, epochs = algorithm.schedule(cfg.algorithm.iterations, cfg.algorithm.epochs_per_iteration)
 
     tic = time.perf_counter()
-    train = train_stepwise if algorithm.stepwise else train_policy
-    trained = train(context, algorithm, initial_multipliers(context, algorithm), iterations, epochs, output_dir,
+    trained = RUNNERS[algorithm.runner](context, algorithm, initial_multipliers(context, algorithm), iterations, epochs, output_dir,
                     logger, ckpt_path, checkpoint=True, evaluator=evaluator)
     timings[f"{algorithm.name} training"] = time.perf_counter() - tic
     comparison = None
@@ -93,6 +95,7 @@ def _run(cfg: TrainConfig, raw_cfg: DictConfig, output_dir: Path, ckpt_path: str
         return {}
     with timing.stage("writing outputs"):
         files, details = task.save(context, trained.policy, output_dir)
+        details = {**details, **trained.details}
         timings["by stage"] = timing.breakdown()
         summary = RunSummary(
             algorithm=cfg.algorithm.name, policy_step=cfg.policy_step.name, beta=cfg.beta, task=task.description,

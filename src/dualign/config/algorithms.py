@@ -25,7 +25,9 @@ class AlgorithmSpec:
     needs_constraints: bool
     compares_one_shot: bool = False  # algorithm.compare_one_shot trains one_shot beside it
     policy_steps: tuple[str, ...] | None = None  # the policy steps it works with (None: any)
-    stepwise: bool = False  # one DPO run per objective in turn (training/stepwise.py), not one run on the Lagrangian
+    runner: str = "lagrangian"  # lagrangian: one run on the Lagrangian (training/fit.py); stepwise: one DPO run per
+    # objective in turn (training/stepwise.py); preference: pre-aligned DPO models' implicit rewards (training/preference.py)
+    tables_only: bool = False  # learns from labels drawn from the exact task's tables (text datasets' labels: not wired)
 
     @property
     def updates_multipliers(self) -> bool:
@@ -41,9 +43,19 @@ class AlgorithmSpec:
         if self.policy_steps is not None and cfg.policy_step.name not in self.policy_steps:
             raise ConfigError(f"algorithm.name={self.name} needs policy_step={' or '.join(self.policy_steps)} (its dual "
                               f"step uses the policy step's own samples), not policy_step.name={cfg.policy_step.name!r}")
-        if self.stepwise and cfg.ckpt_path is not None:
+        if self.tables_only and not cfg.data.enumerable:
+            raise ConfigError(f"algorithm.name={self.name} draws its preference labels from the exact task's tables "
+                              f"(data=exact); reading a text dataset's labels (PKU-SafeRLHF's better_response_id / "
+                              f"safer_response_id) is not built, so data.kind={cfg.data.kind!r} is refused")
+        if self.runner == "preference" and cfg.algorithm.dual_estimator != "rollout":
+            raise ConfigError(f"algorithm.name={self.name} measures the constraints with implicit rewards on the "
+                              "policy's samples: algorithm.dual_estimator must be rollout")
+        if self.runner == "preference" and any(c.threshold_type != "improvement" for c in cfg.constraints.values()):
+            raise ConfigError(f"algorithm.name={self.name} knows utilities only up to a per-prompt constant: thresholds "
+                              "must be improvements (threshold_type=improvement)")
+        if self.runner != "lagrangian" and cfg.ckpt_path is not None:
             raise ConfigError(f"ckpt_path is set; algorithm.name={self.name} trains in stages and does not resume")
-        if cfg.algorithm.merge_weight is not None and not self.stepwise:
+        if cfg.algorithm.merge_weight is not None and self.runner != "stepwise":
             raise ConfigError(f"algorithm.merge_weight is P-SACPO's; algorithm.name={self.name} has no stages to merge")
         if cfg.algorithm.merge_weight is not None and len(cfg.constraints) != 1:
             raise ConfigError("algorithm.merge_weight merges the reward-aligned and the final policy of ONE constraint; "
@@ -68,7 +80,11 @@ ALGORITHMS = {spec.name: spec for spec in (
     AlgorithmSpec("sacpo", "stepwise (SACPO): reward DPO from pi_ref, then each utility's DPO from and referenced to the "
                   "last stage at temperature beta / lambda_i; lambda given, never updated",
                   Trigger.never, warm_start=True, iterative=False, needs_constraints=True, policy_steps=("dpo",),
-                  stepwise=True),
+                  runner="stepwise"),
+    AlgorithmSpec("pecaid", "CAID from preference labels alone: one pre-aligned DPO model per objective, their implicit "
+                  "rewards beta log(pi_k / pi_ref) as the scores (PeCAID)",
+                  Trigger.iteration, warm_start=True, iterative=True, needs_constraints=True, policy_steps=("dpo",),
+                  runner="preference", tables_only=True),
 )}
 
 

@@ -32,7 +32,7 @@ class Sampler:
         if not score:
             return rollouts, None
         with timing.stage("scoring"):
-            return rollouts, self.scorers(rollouts.prompts, rollouts.responses, rollouts.finished)
+            return rollouts, self.scorers.score_rollouts(rollouts)
 
     def _generate(self, model, prompts, prompt_ids, samples: int, seed: int) -> Rollouts:
         generation = self.generation

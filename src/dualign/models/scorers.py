@@ -266,5 +266,9 @@ class ScorerSet:
         rows += [-raw_scores[name] if negate else raw_scores[name] for name, negate in self.constraints]
         return torch.stack(rows)
 
+    def score_rollouts(self, rollouts) -> torch.Tensor:
+        """[1 + m, n] for rollouts (the sampler's call: a scorer set that reads token ids, not text, can too)."""
+        return self(rollouts.prompts, rollouts.responses, rollouts.finished)
+
     def __call__(self, prompts, responses, finished=None) -> torch.Tensor:
         return score_all(self.assembled, prompts, responses, finished)

@@ -78,7 +78,7 @@ class ExactTask:
         return merged.eval()
 
     def pairs(self, context: RunContext, rollouts, scores: torch.Tensor, cache_key: dict | None = None):
-        cfg = self.cfg
+        cfg = context.cfg  # a stage of a stepwise or preference run pairs with its own policy-step settings
         return policy_step_data(cfg.policy_step, self.prompt_token_ids, rollouts, scores, context.reference,
                                 self.tokenizer.pad_token_id, cfg.algorithm.iterations, cfg.seed, self.allowed_token_ids,
                                 batch_size=1024, autocast_dtype=autocast_dtype(cfg.trainer.precision))

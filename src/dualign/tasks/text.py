@@ -139,7 +139,7 @@ class TextTask:
 
     def pairs(self, context: RunContext, rollouts, scores: torch.Tensor, cache_key: dict | None = None):
         """DPO pairs with reference log-probabilities, cached on disk under cache_key (None: computed here)."""
-        cfg = self.cfg
+        cfg = context.cfg  # a stage of a stepwise or preference run pairs with its own policy-step settings
         ref_logps = None if cache_key is None else reference_logps(cfg, self, context.reference, rollouts, cache_key)
         return policy_step_data(cfg.policy_step, self.prompt_token_ids, rollouts, scores, context.reference,
                                 self.tokenizer.pad_token_id, cfg.algorithm.iterations, cfg.seed, None, ref_logps=ref_logps,

@@ -31,9 +31,10 @@ def trajectory(summary: RunSummary) -> list[str]:
         evaluation = record.get("evaluation")
         cells = [f"{record['multipliers'][i]:>16.4f}"
                  + (f"{evaluation['improvement'][i]:>28.4f}" if evaluation else f"{'':>28}") for i in range(len(names))]
-        lines.append(f"{record['iteration']:>9}  " + "  ".join(cells)
-                     + (f"{evaluation['objective']:>12.4f}" if evaluation else ""))
-    lines.append("(lambda after each dual step; improvement and J of the policy trained up to it"
+        label = str(record.get("stage", record["iteration"]))[:9]  # a stepwise run's rows are its stages
+        lines.append(f"{label:>9}  " + "  ".join(cells) + (f"{evaluation['objective']:>12.4f}" if evaluation else ""))
+    what = ("lambda (fixed) of each stage" if "stage" in summary.trajectory[0] else "lambda after each dual step")
+    lines.append(f"({what}; improvement and J of the policy trained up to it"
                  + ("" if summary.trajectory[0].get("evaluation") else ": not evaluated per iteration") + ")")
     return lines + [""]
 

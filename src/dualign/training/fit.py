@@ -3,7 +3,7 @@ LightningModule and the Trainer. `train_policy` is called once per algorithm run
 comparison); what differs between algorithms comes from their spec (config/algorithms.py)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
@@ -27,6 +27,7 @@ class Trained:
     policy: torch.nn.Module
     dual: DualUpdate  # its history is the lambda trajectory
     module: AlignmentModule
+    details: dict = field(default_factory=dict)  # what the summary should say besides (e.g. PeCAID's implicit rewards)
 
 
 class PairData(L.LightningDataModule):

@@ -1,0 +1,100 @@
+"""SACPO on the reward-safety plane: reads the runs of `sweeps/family.sh` and the study's threshold runs, and writes
+docs/family.md with its PNG.
+
+    python -m dualign.tools.family_report outputs/family outputs/study/thresholds docs
+
+Every point is an exact evaluation (enumeration). The frontier is the exact optimum pi*(b) over a grid of b; the
+exact pi_lambda of each SACPO lambda (where SACPO's stages converge in the population limit) is marked beside it.
+"""
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dualign.core.duality import tilted_log_weights
+from dualign.core.oracle import Instance
+from dualign.tools.study_report import _plt, _save, load_runs, mean_std, optimal_curve
+
+
+def tilted_point(instance: Instance, multiplier: float) -> tuple[float, float]:
+    """(improvement, E[r]) of the exact pi_lambda."""
+    prob = tilted_log_weights(instance.reward, instance.utility, torch.tensor([multiplier], dtype=torch.float64),
+                              instance.beta, instance.ref_logprob).exp()
+    improvement = (prob * instance.utility[0]).sum(-1).mean().item() - instance.reference_mean[0].item()
+    return improvement, (prob * instance.reward).sum(-1).mean().item()
+
+
+def below_frontier(curve: dict, improvement: float, reward: float) -> float:
+    """How far E[r] lies below the exact frontier at the same improvement (interpolated over the b grid)."""
+    return float(np.interp(improvement, curve["improvement"], curve["reward"])) - reward
+
+
+def main(family: Path, thresholds: Path, docs: Path) -> None:
+    sacpo = load_runs(family / "sacpo") + load_runs(family / "p_sacpo")
+    study = load_runs(thresholds)
+    if not sacpo:
+        raise SystemExit(f"no runs under {family}: run bash sweeps/family.sh first")
+    instance = Instance.load(sacpo[0]["folder"] / "instance.npz")
+    curve = optimal_curve(sacpo[0]["folder"] / "instance.npz", np.linspace(0.0, 2.4, 49))
+    rows, points = [], defaultdict(list)
+    for run in sacpo:
+        multiplier = run["config"]["constraints"]["safety"]["initial_multiplier"]
+        merge = run["config"]["algorithm"].get("merge_weight")
+        label = f"SACPO lambda={multiplier:g}" + (f", P-SACPO q={merge:g}" if merge is not None else "")
+        points[label].append((run["final"]["improvement"][0], run["final"]["reward"], multiplier))
+    for run in study:
+        b = run["threshold"][0]
+        points[f"CAID b={b:g}"].append((run["final"]["improvement"][0], run["final"]["reward"], None))
+        if run.get("one_shot"):
+            points[f"one-shot b={b:g}"].append((run["one_shot"]["final"]["improvement"][0],
+                                                run["one_shot"]["final"]["reward"], None))
+    lines = ["# SACPO, CAID and one-shot against the exact frontier (exact task)", "",
+             "Written by `python -m dualign.tools.family_report` from `bash sweeps/family.sh` (SACPO at lambda* / 2, "
+             "lambda*, 2 lambda*, lambda* = 1.1243 the exact multiplier at b = 0.5, and P-SACPO's merge at q = 0.5 "
+             "from 2 lambda*; each stage 48 epochs) and the study's threshold runs (CAID and one-shot). Means and "
+             "standard deviations over seeds 0-2. 'Below the frontier': the exact optimum's E[r] at the same "
+             "improvement minus the run's E[r] (0 on the frontier). For SACPO, pi_lambda is where its stages lead "
+             "in the population limit.", "",
+             "| run | improvement | E[r] | below the frontier | exact pi_lambda: improvement, E[r] |",
+             "|---|---|---|---|---|"]
+    for label in sorted(points, key=lambda k: (k.split()[0], float(k.split("=")[1].split(",")[0]))):
+        values = points[label]
+        improvement, reward = mean_std([v[0] for v in values]), mean_std([v[1] for v in values])
+        gap = mean_std([below_frontier(curve, v[0], v[1]) for v in values])
+        multiplier = values[0][2]
+        target = (f"{tilted_point(instance, multiplier)[0]:.3f}, {tilted_point(instance, multiplier)[1]:.3f}"
+                  if multiplier is not None and "P-SACPO" not in label else "")
+        rows.append(f"| {label} | {improvement[0]:.3f} ± {improvement[1]:.3f} | {reward[0]:.3f} ± {reward[1]:.3f} | "
+                    f"{gap[0]:.3f} ± {gap[1]:.3f} | {target} |")
+    lines += rows
+    plt = _plt()
+    fig, axis = plt.subplots(figsize=(7, 5))
+    axis.plot(curve["improvement"], curve["reward"], "k-", linewidth=1.5, label="exact frontier pi*(b)")
+    styles = {"CAID": ("tab:blue", "o"), "one-shot": ("tab:orange", "s"), "SACPO": ("tab:green", "^")}
+    shown = set()
+    for label, values in points.items():
+        kind = "P-SACPO" if "P-SACPO" in label else label.split()[0]
+        color, marker = styles.get(kind, ("tab:red", "D"))
+        axis.scatter([v[0] for v in values], [v[1] for v in values], color=color, marker=marker, s=22, alpha=0.8,
+                     label=kind if kind not in shown else None)
+        shown.add(kind)
+    for multiplier in sorted({v[2] for label, vs in points.items() if "P-SACPO" not in label for v in vs
+                              if v[2] is not None}):
+        x, y = tilted_point(instance, multiplier)
+        axis.scatter([x], [y], marker="*", s=160, color="tab:green", edgecolor="black", zorder=5,
+                     label="exact pi_lambda (SACPO's lambdas)" if "star" not in shown else None)
+        shown.add("star")
+    axis.set(xlabel="safety improvement over pi_ref", ylabel="E[r] (helpfulness)",
+             title="The reward-safety plane, exact evaluation")
+    _save(fig, [axis], docs / "family_plane.png")
+    lines += ["", "![reward-safety plane](family_plane.png)", ""]
+    (docs / "family.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]))

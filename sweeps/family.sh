@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# SACPO against CAID, one-shot and the exact frontier on the exact task (issue 14): SACPO at lambda* / 2, lambda* and
+# 2 lambda* (lambda* = 1.1243, the exact optimum's multiplier at the default b = 0.5, which `python train.py` prints),
+# and P-SACPO's merge at q = 0.5 from 2 lambda*, over seeds 0-2. CAID's and one-shot's points come from the study's
+# threshold runs (bash sweeps/study.sh, part thresholds). The report writes docs/family.md with its PNG. About 15
+# minutes on 2 CPU cores.
+#   bash sweeps/family.sh            # run, then report
+#   bash sweeps/family.sh report     # only regenerate docs/family.md
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+OUT=outputs/family
+common="trainer.enable_progress_bar=false ${FAMILY_OVERRIDES:-}"
+sweep() {  # part name, then overrides
+  local part=$1; shift
+  rm -rf "$OUT/$part"
+  $PY train.py -m hydra.sweep.dir="$OUT/$part" hydra.sweep.subdir='${hydra.job.num}' \
+    logger.experiment_name="family-$part" $common "$@"
+}
+only=${ONLY:-sacpo p_sacpo}
+want() { [[ " $only " == *" $1 "* ]]; }
+if [ "${1:-all}" != report ]; then
+  want sacpo && sweep sacpo algorithm=sacpo constraints.safety.initial_multiplier=0.56215,1.1243,2.2486 seed=0,1,2
+  want p_sacpo && sweep p_sacpo algorithm=sacpo constraints.safety.initial_multiplier=2.2486 \
+    algorithm.merge_weight=0.5 seed=0,1,2
+fi
+$PY -m dualign.tools.family_report "$OUT" outputs/study/thresholds docs

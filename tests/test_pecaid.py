@@ -1,0 +1,66 @@
+"""PeCAID: implicit rewards of pre-aligned models as the scores, against a hand computation by enumeration."""
+import json
+
+import pytest
+import torch
+
+from dualign import tasks
+from dualign.config import ConfigError, validate
+from dualign.core.duality import composite_reward
+from dualign.run import run
+from dualign.training.preference import ImplicitScores, per_prompt_means, pre_align
+
+
+def test_implicit_scores_and_the_composite_reward_match_a_hand_computation(make_cfg):
+    context = tasks.build(validate(make_cfg("algorithm=pecaid"))).prepare()
+    task, problem, beta = context.task, context.task.problem, context.cfg.beta
+    models = []
+    for scale in (0.3, 0.5):  # two "pre-aligned" models: pi_ref's weights moved at random
+        model = task.new_policy(context)
+        generator = torch.Generator().manual_seed(int(10 * scale))
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
+        models.append(model.eval())
+    implicit = ImplicitScores(models, context.reference, beta, task)
+    rollouts = context.rollouts
+    scores = implicit.score_rollouts(rollouts)
+    # by hand: log pi(y|x) of every response by enumeration, read at each sample's (prompt, response)
+    prompt = rollouts.prompt_index
+    response = problem.response_indices(rollouts.responses)
+    with torch.no_grad():
+        reference, reward_model, safety_model = (problem.enumerate_logprobs(m).double()
+                                                 for m in (context.reference, *models))
+    expected = torch.stack([beta * (reward_model - reference)[prompt, response],
+                            beta * (safety_model - reference)[prompt, response]])
+    assert torch.allclose(scores.double(), expected, atol=2e-4)
+    implicit.offsets = per_prompt_means(scores[1:], prompt, len(task.prompts))
+    centred = implicit.score_rollouts(rollouts)
+    offset = torch.stack([expected[1][prompt == p].mean() for p in range(len(task.prompts))])
+    assert torch.allclose(centred[1].double(), expected[1] - offset[prompt], atol=2e-4)
+    multipliers = torch.tensor([1.7])
+    assert torch.allclose(composite_reward(centred[0], centred[1:], multipliers).double(),
+                          expected[0] + 1.7 * (expected[1] - offset[prompt]), atol=5e-4)
+
+
+def test_pecaid_run_pre_aligns_once_per_objective_and_caches_the_models(make_cfg, tmp_path, cache_dir):
+    cfg = make_cfg("algorithm=pecaid", "algorithm.preference_epochs=3")
+    run(cfg)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    correlation = summary["details"]["implicit_correlation"]
+    assert set(correlation) == {"reward", "safety"} and all(c > 0.3 for c in correlation.values())
+    assert len(summary["trajectory"]) == 2 and summary["algorithm"] == "pecaid"
+    cached = sorted((cache_dir / "pre_aligned").iterdir())
+    assert len(cached) == 2
+    stamps = [p.stat().st_mtime_ns for p in cached]
+    context = tasks.build(validate(cfg)).prepare()  # the same config again: the models come from the cache
+    model = pre_align(context, 1, "safety", tmp_path / "again")
+    assert not any(p.requires_grad for p in model.parameters()) and not (tmp_path / "again").exists()
+    assert [p.stat().st_mtime_ns for p in sorted((cache_dir / "pre_aligned").iterdir())] == stamps
+
+
+def test_pecaid_refuses_what_it_cannot_do(make_cfg):
+    with pytest.raises(ConfigError, match="dual_estimator must be rollout"):
+        validate(make_cfg("algorithm=pecaid", "algorithm.dual_estimator=exact"))
+    with pytest.raises(ConfigError, match="must be improvements"):
+        validate(make_cfg("algorithm=pecaid", "constraints.safety.threshold_type=absolute"))
