@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # SACPO against CAID, one-shot and the exact frontier on the exact task (issue 14): SACPO at lambda* / 2, lambda* and
 # 2 lambda* (lambda* = 1.1243, the exact optimum's multiplier at the default b = 0.5, which `python train.py` prints),
-# and P-SACPO's merge at q = 0.5 from 2 lambda*, over seeds 0-2. CAID's and one-shot's points come from the study's
-# threshold runs (bash sweeps/study.sh, part thresholds). The report writes docs/family.md with its PNG. About 15
-# minutes on 2 CPU cores.
+# and P-SACPO's merge at q = 0.5 from 2 lambda*, over seeds 0-2; PeCAID at b = 0.35, 0.85, 1.35 x seeds 0-2. CAID's
+# and one-shot's points come from the study's threshold runs (bash sweeps/study.sh, part thresholds), the same
+# instances. The report writes docs/family.md with its PNG. About 35 minutes on 2 CPU cores.
 #   bash sweeps/family.sh            # run, then report
 #   bash sweeps/family.sh report     # only regenerate docs/family.md
 set -euo pipefail
@@ -17,11 +17,14 @@ sweep() {  # part name, then overrides
   $PY train.py -m hydra.sweep.dir="$OUT/$part" hydra.sweep.subdir='${hydra.job.num}' \
     logger.experiment_name="family-$part" $common "$@"
 }
-only=${ONLY:-sacpo p_sacpo}
+only=${ONLY:-sacpo p_sacpo pecaid}
 want() { [[ " $only " == *" $1 "* ]]; }
 if [ "${1:-all}" != report ]; then
   want sacpo && sweep sacpo algorithm=sacpo constraints.safety.initial_multiplier=0.56215,1.1243,2.2486 seed=0,1,2
   want p_sacpo && sweep p_sacpo algorithm=sacpo constraints.safety.initial_multiplier=2.2486 \
     algorithm.merge_weight=0.5 seed=0,1,2
+  # PeCAID at 3 of the study's thresholds x 3 seeds: CAID on the same instance is the study's run at the same b, seed
+  want pecaid && sweep pecaid algorithm=pecaid algorithm.compare_one_shot=false \
+    constraints.safety.threshold=0.35,0.85,1.35 seed=0,1,2
 fi
 $PY -m dualign.tools.family_report "$OUT" outputs/study/thresholds docs

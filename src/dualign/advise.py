@@ -78,12 +78,16 @@ def _interval(advice, name: str, i: int | None = None) -> str:
     return f"[{low[i]:.3f}, {high[i]:.3f}]" if i is not None else f"[{low:.3f}, {high:.3f}]"
 
 
+def _relative(estimate: float, truth: float | None) -> str:
+    return "" if truth is None or truth == 0 else f"{abs(estimate / truth - 1):.1%}"
+
+
 def report(cfg, names, varied, configured, advice, edge, exact) -> dict:
     name = names[varied]
     print(f"\nlargest improvement of {name} pi_ref's samples support: {edge['edge'][varied]:.4f} "
           f"[{edge['edge_low'][varied]:.4f}, {edge['edge_high'][varied]:.4f}]"
           + (f"; exact (every response): {exact['edge'][varied]:.4f}" if exact else ""))
-    header = (f"{'b_' + name:>10} {'lambda*':>9} {'95% interval':>18}" + (f" {'exact':>9}" if exact else "")
+    header = (f"{'b_' + name:>10} {'lambda*':>9} {'95% interval':>18}" + (f" {'exact':>9} {'error':>6}" if exact else "")
               + f" {'dE[r]':>8} {'95% interval':>18} {'KL':>8} {'95% interval':>18} {'dJ':>8}"
               + (f" {'exact KL':>9}" if exact else "") + "  note")
     print(header)
@@ -91,15 +95,19 @@ def report(cfg, names, varied, configured, advice, edge, exact) -> dict:
     for k, a in enumerate(advice):
         b = a.threshold[varied]
         note = ("beyond the samples' reach" if a.estimate is None else
-                "near the edge" if a.near_edge else "")
+                "near the edge" if a.near_edge else
+                "inactive: the reward's tilt alone reaches b" if a.estimate.multipliers[varied] == 0 else "")
         note += " (configured)" if abs(b - float(configured[varied])) < 1e-6 else ""
         truth = exact["rows"][k] if exact else None
         if a.estimate is None:
-            line = f"{b:>10.4g} {'-':>9} {'':>18}" + (f" {'':>9}" if exact else "") + f" {'':>8} {'':>18} {'':>8} {'':>18}"
+            line = (f"{b:>10.4g} {'-':>9} {'':>18}" + (f" {'':>9} {'':>6}" if exact else "")
+                    + f" {'':>8} {'':>18} {'':>8} {'':>18}")
         else:
             e = a.estimate
             line = (f"{b:>10.4g} {e.multipliers[varied]:>9.4f} {_interval(a, 'multipliers', varied):>18}"
-                    + (f" {truth.multipliers[varied] if truth else float('nan'):>9.4f}" if exact else "")
+                    + (f" {truth.multipliers[varied] if truth else float('nan'):>9.4f} "
+                       f"{_relative(e.multipliers[varied], truth.multipliers[varied] if truth else None):>6}"
+                       if exact else "")
                     + f" {e.reward_change:>8.4f} {_interval(a, 'reward_change'):>18} {e.kl:>8.4f} "
                       f"{_interval(a, 'kl'):>18} {e.objective_change:>8.4f}"
                     + (f" {truth.kl if truth else float('nan'):>9.4f}" if exact else ""))
@@ -108,7 +116,8 @@ def report(cfg, names, varied, configured, advice, edge, exact) -> dict:
                      "low": a.low, "high": a.high, "infeasible_share": a.infeasible_share,
                      "edge_fraction": a.edge_fraction, "near_edge": a.near_edge,
                      "exact": None if truth is None else vars(truth)})
-    print(f"(lambda*, dE[r] = E[r] - E_ref[r], KL to pi_ref and dJ = dE[r] - beta KL of the tilted policy at lambda*: "
+    print(("(exact: on every response; error: |plug-in / exact - 1|) " if exact else "")
+          + f"(lambda*, dE[r] = E[r] - E_ref[r], KL to pi_ref and dJ = dE[r] - beta KL of the tilted policy at lambda*: "
           f"what CAID converges to; 'near the edge': b >= {NEAR_EDGE:.0%} of the edge or out of reach in some "
           f"bootstrap resamples)")
     return {"constraint": name, "constraints": names, "beta": cfg.beta, "configured": configured.tolist(),
