@@ -15,9 +15,7 @@ from typing import Protocol
 import torch
 
 from dualign.core.advice import edge_warning
-from dualign.core.duality import InfeasibleError, require_converged, solve_dual
-from dualign.errors import ConfigError
-from dualign.training.context import Enumeration, RunContext
+from dualign.training.context import Enumeration, RunContext, one_shot_multipliers
 
 log = logging.getLogger("dualign")
 
@@ -108,13 +106,3 @@ def reference_statistics(cfg, stage: ReferenceStage):
     if warning:
         log.warning(warning)
     return reference_mean, threshold, one_shot_multipliers(cfg, reward, utility, reference_mean, threshold)
-
-
-def one_shot_multipliers(cfg, reward, utility, reference_mean, threshold) -> torch.Tensor:
-    """The plug-in lambda* on pi_ref's samples; an unreachable threshold is a one-line error naming the constraints."""
-    try:
-        solution = solve_dual(reward, utility, reference_mean, threshold, cfg.beta)
-    except InfeasibleError as error:
-        raise ConfigError(f"constraints ({', '.join(f'{n}.threshold' for n in cfg.constraints)}): {error}; "
-                          f"`dualign-advise` prints the reachable range and the cost of each threshold") from None
-    return require_converged(solution, "the one-shot lambda on pi_ref's samples").multipliers.float()

@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 
+from dualign.core.duality import InfeasibleError, require_converged, solve_dual
 from dualign.core.oracle import ExactOracle
 from dualign.errors import ConfigError
 
@@ -54,3 +55,13 @@ class RunContext:
         if self.enumeration is None:  # validation refuses this first; a context built by hand reaches here
             raise ConfigError(f"{option} needs a task whose responses can be enumerated (data=exact)")
         return self.enumeration
+
+
+def one_shot_multipliers(cfg, reward, utility, reference_mean, threshold) -> torch.Tensor:
+    """The plug-in lambda* on pi_ref's samples; an unreachable threshold is a one-line error naming the constraints."""
+    try:
+        solution = solve_dual(reward, utility, reference_mean, threshold, cfg.beta)
+    except InfeasibleError as error:
+        raise ConfigError(f"constraints ({', '.join(f'{n}.threshold' for n in cfg.constraints)}): {error}; "
+                          f"`dualign-advise` prints the reachable range and the cost of each threshold") from None
+    return require_converged(solution, "the one-shot lambda on pi_ref's samples").multipliers.float()

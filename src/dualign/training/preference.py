@@ -24,8 +24,7 @@ from pathlib import Path
 import torch
 
 from dualign.config import ALGORITHMS, AlgorithmSpec
-from dualign.tasks.base import one_shot_multipliers
-from dualign.training.context import RunContext
+from dualign.training.context import RunContext, one_shot_multipliers
 from dualign.training.data import sequence_logprobs, tokenized
 from dualign.training.fit import Trained, initial_multipliers, train_policy
 from dualign.util import seeds
