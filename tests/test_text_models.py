@@ -125,8 +125,10 @@ def test_a_later_stage_continues_from_the_lora_policy_and_is_referenced_to_it(mo
     cfg = _policy_cfg(models)
     task = SimpleNamespace(cfg=SimpleNamespace(model=cfg))
     policy = load_policy(cfg)
+    pi_ref = reference_for(policy, cfg)  # the first policy's base, adapters off: must stay pi_ref
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
+        base = pi_ref(input_ids=torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(1))).logits
         for name, parameter in policy.named_parameters():
             if "lora_B" in name:
                 parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
@@ -144,6 +146,8 @@ def test_a_later_stage_continues_from_the_lora_policy_and_is_referenced_to_it(mo
         assert not torch.allclose(second, first, atol=1e-3) and torch.allclose(logits(reference), first, atol=1e-4)
         assert torch.allclose(logits(TextTask.interpolate(task, reference, continued, 1.0)), second, atol=1e-5)
         assert torch.allclose(logits(TextTask.interpolate(task, reference, continued, 0.0)), first, atol=1e-4)
+        again = pi_ref(input_ids=torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(1))).logits
+        assert torch.allclose(again, base, atol=1e-6)  # pi_ref untouched by the merge
 
 
 def test_without_lora_the_reference_is_a_frozen_copy(models):

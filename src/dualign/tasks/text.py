@@ -155,11 +155,12 @@ class TextTask:
         return load_policy(self.cfg.model)
 
     def continue_from(self, context: RunContext, policy: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
-        """With LoRA: the trained adapters folded into the base weights, fresh adapters on top; the reference is that
-        network with its adapters off (one copy in memory). Without: the policy trains on, beside a frozen copy."""
+        """With LoRA: the trained adapters folded into a copy of the base weights (the first policy's base IS pi_ref,
+        seen with adapters off, so it must not change), fresh adapters on top; the reference is that network with its
+        adapters off. Without: the policy trains on, beside a frozen copy."""
         model = self.cfg.model
         if model.lora.enabled:
-            continued = with_adapters(policy.merge_and_unload(), model)
+            continued = with_adapters(copy.deepcopy(policy).merge_and_unload(), model)
             return continued, reference_for(continued, model)
         return policy, copy.deepcopy(policy).eval().requires_grad_(False)
 
