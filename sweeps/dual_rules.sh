@@ -7,11 +7,13 @@
 # same from lambda_0 = 0.
 #   bash sweeps/dual_rules.sh            # warm start: newton, fixed
 #   bash sweeps/dual_rules.sh report     # only regenerate docs/dual_rules.md from existing runs
+#   DUAL_RULES_GRID="constraints.safety.threshold=0.35,0.85,1.35 seed=0" ONLY="newton_cold fixed_cold" \
+#     bash sweeps/dual_rules.sh          # the cold start on a smaller grid (12 runs, about 8 minutes)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 OUT=outputs/dual_rules
-grid="constraints.safety.threshold=0.1,0.35,0.6,0.85,1.1,1.35,1.6 seed=0,1,2"
+grid=${DUAL_RULES_GRID:-"constraints.safety.threshold=0.1,0.35,0.6,0.85,1.1,1.35,1.6 seed=0,1,2"}
 common="trainer.enable_progress_bar=false algorithm.compare_one_shot=false ${DUAL_RULES_OVERRIDES:-}"
 sweep() {  # part name, then overrides
   local part=$1; shift

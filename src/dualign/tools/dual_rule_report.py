@@ -55,7 +55,8 @@ def section(folder: Path, docs: Path, suffix: str) -> list[str]:
     cells, thresholds, rules, horizon = table(runs)
     cell = lambda values: " ".join("-" if v is None else str(v) for v in values)  # noqa: E731
     lines = [f"## {START[suffix]}", "",
-             f"Iterations until |achieved - b| <= {TOLERANCE:g} b, per seed (0 1 2; `-`: not within {horizon}); mean "
+             f"Iterations until |achieved - b| <= {TOLERANCE:g} b, per seed "
+             f"({' '.join(str(s) for s in sorted({r['config']['seed'] for r in runs}))}; `-`: not within {horizon}); mean "
              f"with `-` counted as {horizon + 1}.", "",
              "| b | " + " | ".join(rules) + " |", "|---" * (len(rules) + 1) + "|"]
     for b in thresholds:
