@@ -6,9 +6,10 @@ import torch
 
 from dualign import tasks
 from dualign.config import ConfigError, validate
+from dualign.core.dual_steps import per_prompt_means
 from dualign.core.duality import composite_reward
 from dualign.run import run
-from dualign.training.preference import ImplicitScores, per_prompt_means, pre_align
+from dualign.training.preference import ImplicitScores, pre_align
 
 
 def test_implicit_scores_and_the_composite_reward_match_a_hand_computation(make_cfg):

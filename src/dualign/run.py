@@ -19,10 +19,10 @@ from dualign.training import checkpoints
 from dualign.training.fit import initial_multipliers, train_policy
 from dualign.training.preference import train_pecaid
 from dualign.training.stepwise import train_stepwise
-
-RUNNERS = {"lagrangian": train_policy, "stepwise": train_stepwise, "preference": train_pecaid}  # AlgorithmSpec.runner
 from dualign.util import distributed, lifecycle, timing
 from dualign.util.console import quiet_libraries
+
+RUNNERS = {"lagrangian": train_policy, "stepwise": train_stepwise, "preference": train_pecaid}  # AlgorithmSpec.runner
 
 log = logging.getLogger("dualign")
 
@@ -76,8 +76,9 @@ def _run(cfg: TrainConfig, raw_cfg: DictConfig, output_dir: Path, ckpt_path: str
     iterations, epochs = algorithm.schedule(cfg.algorithm.iterations, cfg.algorithm.epochs_per_iteration)
 
     tic = time.perf_counter()
-    trained = RUNNERS[algorithm.runner](context, algorithm, initial_multipliers(context, algorithm), iterations, epochs, output_dir,
-                    logger, ckpt_path, checkpoint=True, evaluator=evaluator)
+    train = RUNNERS[algorithm.runner]
+    trained = train(context, algorithm, initial_multipliers(context, algorithm), iterations, epochs, output_dir, logger,
+                    ckpt_path, checkpoint=True, evaluator=evaluator)
     timings[f"{algorithm.name} training"] = time.perf_counter() - tic
     comparison = None
     if algorithm.compares_one_shot and cfg.algorithm.compare_one_shot:  # same instance, same epoch budget

@@ -85,16 +85,19 @@ def box_qp(hessian: torch.Tensor, linear: torch.Tensor, lower: torch.Tensor, upp
     return step
 
 
+def per_prompt_means(values: torch.Tensor, prompt_index: torch.Tensor, prompts: int) -> torch.Tensor:
+    """[rows, prompts]: the mean of each row of values [rows, n] over each prompt's samples (0 where a prompt has none)."""
+    sums = torch.zeros(values.shape[0], prompts, dtype=values.dtype).index_add_(1, prompt_index, values)
+    return sums / torch.bincount(prompt_index, minlength=prompts).clamp(min=1).to(values.dtype)
+
+
 def within_prompt_scatter(utility: torch.Tensor, prompt_index: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The sum over samples of (g - mean_x g)(g - mean_x g)', centred on each prompt's own mean, [m, m], and its
     degrees of freedom (samples - prompts). Their ratio estimates E_x Cov_pi(g | x), which over beta is the dual's
     Hessian (docs/method.md section 2): the spread between prompts is not curvature."""
     utility = utility.double()
-    prompts, inverse = torch.unique(prompt_index, return_inverse=True)
-    sums = torch.zeros(utility.shape[0], prompts.numel(), dtype=torch.float64).index_add_(1, inverse, utility)
-    counts = torch.bincount(inverse, minlength=prompts.numel()).double()
-    centred = utility - (sums / counts)[:, inverse]
-    return centred @ centred.T, int(utility.shape[1] - prompts.numel())
+    centred = utility - per_prompt_means(utility, prompt_index, int(prompt_index.max()) + 1)[:, prompt_index]
+    return centred @ centred.T, int(utility.shape[1] - torch.unique(prompt_index).numel())
 
 
 DUAL_STEPS = {"projected": projected_dual_step, "log": log_space_dual_step, "newton": newton_dual_step}

@@ -90,6 +90,12 @@ class Task(Protocol):
         """The trained policy's files (and what the summary should say about them)."""
 
 
+def interpolated_weights(start: torch.nn.Module, end: torch.nn.Module, weight: float) -> dict:
+    """start + weight (end - start), parameter by parameter (integer buffers are end's): P-SACPO's merge."""
+    first = start.state_dict()
+    return {k: first[k] + weight * (v - first[k]) if v.is_floating_point() else v for k, v in end.state_dict().items()}
+
+
 def thresholds(cfg, reference_mean: torch.Tensor) -> torch.Tensor:
     """b_i: the configured improvement, or an absolute level tau_i minus E_ref[g_i]."""
     return torch.tensor([c.threshold if c.threshold_type == "improvement" else c.threshold - reference_mean[i].item()

@@ -12,7 +12,7 @@ import torch
 from dualign.core.oracle import ExactOracle, Instance
 from dualign.models.sampling import Sampler
 from dualign.models.scorers import ScorerSet
-from dualign.tasks.base import ReferenceStage, reference_statistics, thresholds
+from dualign.tasks.base import ReferenceStage, interpolated_weights, reference_statistics, thresholds
 from dualign.tasks.exact_problem import ExactProblem, reference_policy
 from dualign.training.context import Enumeration, RunContext
 from dualign.training.data import policy_step_data
@@ -72,9 +72,8 @@ class ExactTask:
         return _copy(policy).train(), _copy(policy).eval().requires_grad_(False)
 
     def interpolate(self, start: torch.nn.Module, end: torch.nn.Module, weight: float) -> torch.nn.Module:
-        merged, first = _copy(end), start.state_dict()
-        merged.load_state_dict({k: first[k] + weight * (v - first[k]) if v.is_floating_point() else v
-                                for k, v in end.state_dict().items()})
+        merged = _copy(end)
+        merged.load_state_dict(interpolated_weights(start, end, weight))
         return merged.eval()
 
     def pairs(self, context: RunContext, rollouts, scores: torch.Tensor, cache_key: dict | None = None):

@@ -30,7 +30,7 @@ from dualign.models.hf import (
 from dualign.models.rollout import Rollouts
 from dualign.models.sampling import Sampler
 from dualign.models.scorers import ScorerSet
-from dualign.tasks.base import ReferenceStage, reference_statistics
+from dualign.tasks.base import ReferenceStage, interpolated_weights, reference_statistics
 from dualign.tasks.text_cache import reference_logps, scored_rollouts
 from dualign.tasks.text_data import load_split
 from dualign.tasks.text_evaluation import TextEvaluator
@@ -168,9 +168,7 @@ class TextTask:
         if self.cfg.model.lora.enabled:  # end = start's weights + fresh adapters (continue_from): scale the adapters
             scale_adapters(end, weight)
             return end.eval()
-        first = start.state_dict()
-        end.load_state_dict({k: first[k] + weight * (v - first[k]) if v.is_floating_point() else v
-                             for k, v in end.state_dict().items()})
+        end.load_state_dict(interpolated_weights(start, end, weight))
         return end.eval()
 
     def evaluator(self, context: RunContext) -> TextEvaluator:

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from dualign.config import ALGORITHMS, AlgorithmSpec
+from dualign.core.dual_steps import per_prompt_means
 from dualign.training.context import RunContext, one_shot_multipliers
 from dualign.training.data import sequence_logprobs, tokenized
 from dualign.training.fit import Trained, initial_multipliers, train_policy
@@ -51,13 +52,6 @@ class ImplicitScores:
         if self.offsets is not None:
             scores[1:] -= self.offsets[:, rollouts.prompt_index]
         return scores
-
-
-def per_prompt_means(scores: torch.Tensor, prompt_index: torch.Tensor, prompts: int) -> torch.Tensor:
-    """[rows, prompts]: the mean of each row over each prompt's samples (0 where a prompt has none)."""
-    sums = torch.zeros(scores.shape[0], prompts).index_add_(1, prompt_index, scores)
-    counts = torch.bincount(prompt_index, minlength=prompts).clamp(min=1)
-    return sums / counts
 
 
 def pre_align(context: RunContext, objective: int, name: str, output_dir: Path) -> torch.nn.Module:
