@@ -112,6 +112,28 @@ def test_an_error_after_the_run_is_created_marks_it_failed_with_the_error(make_c
     assert status == "FAILED" and error == "RuntimeError: the scoring service is down"
 
 
+def test_a_data_or_model_error_after_the_run_is_created_marks_it_failed(tmp_path, cache_dir):
+    """Text tasks load their data and model after the MLflow run exists: a bad file must not leave it RUNNING."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from dualign.errors import DataError, LoadError
+
+    for key, value, error in (("data.path", tmp_path / "missing.jsonl", DataError),
+                              ("model.name_or_path", tmp_path / "no_model", LoadError)):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=[
+                "experiment=pku_safety_tiny", f"{key}={value}", f"paths.output_dir={tmp_path / 'run'}",
+                f"paths.cache_dir={cache_dir}", f"paths.fixtures_dir={ROOT / 'tests' / 'fixtures'}",
+                f"logger.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "trainer.enable_progress_bar=false"])
+        GlobalHydra.instance().clear()
+        with pytest.raises(error):
+            run(cfg)
+        status, message, _ = _status(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "run")
+        assert status == "FAILED" and message.startswith(error.__name__), (status, message)
+
+
 def test_runs_started_together_never_share_a_folder_or_break_a_fresh_mlflow_store(tmp_path):
     """Two first runs on one new sqlite store: one used to die in MLflow's schema migration ("duplicate column")."""
     store = f"sqlite:///{tmp_path / 'fresh.db'}"

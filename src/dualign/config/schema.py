@@ -64,6 +64,7 @@ class KVCache(StrEnum):
 
 class Backend(StrEnum):
     hf = "hf"  # transformers generate
+    fast = "fast"  # dualign's decode loop (models/decode.py): one prefill per prompt, ended rows leave the batch
     vllm = "vllm"  # text tasks on GPU (pip install vllm)
 
 
@@ -315,6 +316,8 @@ class ScorerConfig:
     kind: ScorerKind = ScorerKind.sequence_classifier
     name_or_path: Optional[str] = None  # hub name or local folder (model scorers)
     revision: Optional[str] = None
+    gguf_file: Optional[str] = None  # a .gguf in name_or_path (dequantised by transformers at every load)
+    from_pretrained_kwargs: dict[str, Any] = field(default_factory=dict)  # passed on to the model's from_pretrained
     _target_: Optional[str] = None  # callable: dotted path of a function or class; extra keys go in kwargs
     kwargs: dict[str, Any] = field(default_factory=dict)
     template: str = "{prompt}{response}"  # how this scorer wants to read a (prompt, response) pair

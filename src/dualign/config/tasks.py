@@ -51,7 +51,7 @@ class ExactTaskConfig:
         if cfg.generation.max_new_tokens not in (None, self.response_length):
             raise ConfigError(f"generation.max_new_tokens={cfg.generation.max_new_tokens} must be null or "
                               f"data.response_length={self.response_length} on the exact task")
-        if cfg.generation.backend != "hf":
+        if cfg.generation.backend == "vllm":
             raise ConfigError("generation.backend=vllm is for text tasks; the exact task samples with generation.backend=hf")
 
 
@@ -87,7 +87,8 @@ class TextDataConfig:
     train_split: str = "train"
     test_split: str = "test"
     prompt_column: str = "prompt"  # jsonl only
-    response_columns: list[str] = field(default_factory=lambda: ["response_0", "response_1"])  # jsonl only
+    # jsonl only; [] (or none of them in the file): prompt-only data, for runs that pair pi_ref's or the policy's samples
+    response_columns: list[str] = field(default_factory=lambda: ["response_0", "response_1"])
     max_train_rows: Optional[int] = None  # filter: keep the first N training rows (count logged)
     max_test_prompts: Optional[int] = None  # filter: evaluate on the first N test prompts (count logged)
     drop_identical_responses: bool = False  # filter: pairs whose two responses are equal carry no preference
@@ -102,8 +103,9 @@ class TextDataConfig:
             raise ConfigError("generation.max_new_tokens is null; text tasks need a response length limit")
         if not self.path:
             raise ConfigError("data.path is empty; give a hub dataset name or a local folder or file")
-        if self.kind == "jsonl" and not self.response_columns:
-            raise ConfigError("data.response_columns is empty; name two response columns or one column of response lists")
+        if self.kind == "jsonl" and not self.response_columns and cfg.policy_step.pairs_from == "dataset":
+            raise ConfigError("policy_step.pairs_from=dataset pairs the dataset's responses, but data.response_columns "
+                              "is empty (prompt-only data); use policy_step.pairs_from=reference or name the columns")
         for key in ("max_train_rows", "max_test_prompts"):
             if getattr(self, key) is not None:
                 positive(f"data.{key}", getattr(self, key))
@@ -125,9 +127,12 @@ class HFModelConfig:
     """Any Hugging Face causal LM (models/hf.py). With LoRA the reference is the same network with the adapters
     disabled (no second copy); without, a frozen copy."""
     kind: str = "hf"
-    name_or_path: str = MISSING  # hub name or local folder
+    name_or_path: str = MISSING  # hub name or local folder (${package_dir:NAME}: an installed package's folder)
     revision: Optional[str] = None
     tokenizer: Optional[str] = None  # default: name_or_path
+    gguf_file: Optional[str] = None  # a .gguf in name_or_path: dequantised once, cached as a plain checkpoint
+    from_pretrained_kwargs: dict[str, Any] = field(default_factory=dict)  # passed on to from_pretrained (model)
+    system_prompt: Optional[str] = None  # chat template: a system message before every prompt (None: the template's own)
     dtype: Dtype = Dtype.auto
     device: str = "auto"  # where pi_ref works before training (rollouts, reference log-probs); Lightning places the policy
     trust_remote_code: bool = False  # off unless you trust the checkpoint's code
@@ -142,6 +147,11 @@ class HFModelConfig:
     def check(self, cfg: TrainConfig) -> None:
         if not self.name_or_path:
             raise ConfigError("model.name_or_path is empty")
+        if self.gguf_file is not None and not self.gguf_file.endswith(".gguf"):
+            raise ConfigError(f"model.gguf_file={self.gguf_file!r} is not a .gguf file name")
+        reserved = {"revision", "dtype", "trust_remote_code", "gguf_file"} & set(self.from_pretrained_kwargs)
+        if reserved:
+            raise ConfigError(f"model.from_pretrained_kwargs.{sorted(reserved)[0]}: set model.{sorted(reserved)[0]} instead")
         if "{prompt}" not in self.prompt_template:
             raise ConfigError(f"model.prompt_template={self.prompt_template!r} has no {{prompt}} field")
         positive("model.max_prompt_length", self.max_prompt_length)

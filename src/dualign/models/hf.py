@@ -3,13 +3,18 @@ policy (the same network with adapters disabled, or a frozen copy), prompt token
 from __future__ import annotations
 
 import hashlib
+import logging
+from dataclasses import replace
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
 
 from dualign.config.tasks import HFModelConfig
 from dualign.errors import LoadError
+from dualign.util.cache import cached_folder
 
+log = logging.getLogger("dualign")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
@@ -27,10 +32,57 @@ def load_pretrained(cls, name_or_path: str, key: str, **kwargs):
     """cls.from_pretrained with one clear line when the files are not there (offline, wrong path, no weights)."""
     try:
         return cls.from_pretrained(name_or_path, **kwargs)
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, TypeError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if Path(name_or_path).is_dir():
+            hint = "the folder is there but is not a checkpoint this class reads"
+        elif Path(name_or_path).is_absolute() or name_or_path.startswith((".", "~")):
+            hint = "no such folder"
+        else:
+            hint = "offline, pass a local folder (see README: pre-downloading)"
         raise LoadError(f"{key}.name_or_path={name_or_path!r}: cannot load {getattr(cls, '__name__', cls)} ({first}); "
-                        "offline, pass a local folder (see README: pre-downloading)") from None
+                        f"{hint}") from None
+
+
+def without_gguf_quantization(model):
+    """A GGUF checkpoint is dequantised to plain tensors on load, but transformers keeps its quantization config and
+    then refuses save_pretrained ("not serializable"); the weights are ordinary, so drop the marker."""
+    quantization = getattr(model.config, "quantization_config", None)
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
+    if str(method).lower().endswith("gguf"):
+        del model.config.quantization_config
+        model.hf_quantizer, model.is_quantized = None, False
+    return model
+
+
+def materialize(cfg: HFModelConfig, cache_dir: str) -> HFModelConfig:
+    """cfg with a GGUF checkpoint replaced by its dequantised copy (safetensors and tokenizer files), converted once
+    and cached under cache_dir/converted like pi_ref's rollouts; other configs are returned as they are."""
+    if cfg.gguf_file is None:
+        return cfg
+    gguf = Path(cfg.name_or_path) / cfg.gguf_file
+    if not gguf.is_file():
+        raise LoadError(f"model.gguf_file={cfg.gguf_file!r}: no such file in model.name_or_path={cfg.name_or_path!r}")
+    key = {"gguf": str(gguf.resolve()), "size": gguf.stat().st_size, "mtime_ns": gguf.stat().st_mtime_ns,
+           "tokenizer": cfg.tokenizer, "dtype": str(cfg.dtype), "transformers": version("transformers")}
+
+    def build(folder: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        log.info("converting %s to a plain checkpoint (once; cached)", gguf)
+        model = load_pretrained(AutoModelForCausalLM, cfg.name_or_path, "model", gguf_file=cfg.gguf_file,
+                                dtype=resolve_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code)
+        without_gguf_quantization(model).save_pretrained(folder)
+        tokenizer_kwargs = {} if cfg.tokenizer else {"gguf_file": cfg.gguf_file}
+        load_pretrained(AutoTokenizer, cfg.tokenizer or cfg.name_or_path, "model", **tokenizer_kwargs).save_pretrained(folder)
+
+    def load(folder: Path) -> str:
+        if not (folder / "config.json").is_file():
+            raise ValueError("no config.json")
+        return str(folder)
+
+    folder = cached_folder(cache_dir, "converted", key, build, load)
+    return replace(cfg, name_or_path=folder, tokenizer=None, gguf_file=None)  # from_pretrained_kwargs still apply
 
 
 def fingerprint(name_or_path: str, revision: str | None = None) -> str:
@@ -51,8 +103,9 @@ def fingerprint(name_or_path: str, revision: str | None = None) -> str:
 def load_tokenizer(cfg: HFModelConfig):
     from transformers import AutoTokenizer
 
+    gguf = {"gguf_file": cfg.gguf_file} if cfg.gguf_file and not cfg.tokenizer else {}
     tokenizer = load_pretrained(AutoTokenizer, cfg.tokenizer or cfg.name_or_path, "model", revision=cfg.revision,
-                                trust_remote_code=cfg.trust_remote_code)
+                                trust_remote_code=cfg.trust_remote_code, **gguf)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
     if tokenizer.eos_token_id is None:
@@ -74,7 +127,10 @@ class PromptFormatter:
 
     def prompt_ids(self, example) -> list[int]:
         if self.chat:
-            text = self.tokenizer.apply_chat_template(example.messages, add_generation_prompt=True, tokenize=False)
+            messages = list(example.messages)
+            if self.cfg.system_prompt is not None and not (messages and messages[0]["role"] == "system"):
+                messages = [{"role": "system", "content": self.cfg.system_prompt}] + messages
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
             ids = self.tokenizer(self.cfg.prompt_template.format(prompt=example.prompt))["input_ids"]
@@ -94,8 +150,11 @@ def _disable_dropout(model) -> None:
 def load_causal_lm(cfg: HFModelConfig, path: str | None = None):
     from transformers import AutoModelForCausalLM
 
+    gguf = {"gguf_file": cfg.gguf_file} if cfg.gguf_file and path is None else {}
     model = load_pretrained(AutoModelForCausalLM, path or cfg.name_or_path, "model", revision=cfg.revision,
-                            dtype=resolve_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code)
+                            dtype=resolve_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code,
+                            **gguf, **cfg.from_pretrained_kwargs)
+    without_gguf_quantization(model)
     if cfg.disable_dropout:
         _disable_dropout(model)
     return model

@@ -15,6 +15,7 @@ from transformers import LlamaModel, LlamaPreTrainedModel
 
 from dualign.config.schema import ScorerConfig
 from dualign.models.hf import load_pretrained, resolve_device, resolve_dtype
+from dualign.util.progress import bar
 
 
 class Scorer(Protocol):
@@ -38,23 +39,39 @@ class Negated:
         return -self.scorer(prompts, responses, finished)
 
 
+SCORING_CHUNK = 1024  # responses per scorer call: the progress bar moves, and a scorer never sees more at once
+
+
 def score_all(scorers: Sequence[Scorer], prompts: Sequence[str], responses: Sequence[str],
               finished: Optional[Sequence[bool]] = None) -> torch.Tensor:
-    """Scores of every scorer, [len(scorers), len(prompts)], float32, with a clear error on NaN or inf."""
+    """Scores of every scorer, [len(scorers), len(prompts)], float32, with a clear error on NaN or inf. Scorers are
+    called on chunks of SCORING_CHUNK responses (a score must depend on its own pair only)."""
     rows = []
-    for scorer in scorers:
+    with bar(len(scorers) * len(prompts), f"scoring ({', '.join(s.name for s in scorers)})", "resp") as progress:
+        for scorer in scorers:
+            rows.append(_score_in_chunks(scorer, prompts, responses, finished, progress))
+    return torch.stack(rows) if rows else torch.empty(0, len(prompts))
+
+
+def _score_in_chunks(scorer: Scorer, prompts, responses, finished, progress) -> torch.Tensor:
+    parts = []
+    for start in range(0, len(prompts), SCORING_CHUNK):
+        part = slice(start, start + SCORING_CHUNK)
         with torch.no_grad():
-            values = torch.as_tensor(scorer(prompts, responses, finished), dtype=torch.float32).cpu()
+            values = torch.as_tensor(scorer(prompts[part], responses[part], None if finished is None else finished[part]),
+                                     dtype=torch.float32).cpu()
+        count = len(prompts[part])
         if values.dim() == 2 and values.shape[1] == 1:  # a column of scores
             values = values[:, 0]
-        if values.shape != (len(prompts),):  # the right count in another shape would pair scores with wrong responses
+        if values.shape != (count,):  # the right count in another shape would pair scores with wrong responses
             raise ValueError(f"scorer {scorer.name!r} returned scores of shape {tuple(values.shape)} for "
-                             f"{len(prompts)} responses; expected ({len(prompts)},)")
+                             f"{count} responses; expected ({count},)")
         if not torch.isfinite(values).all():
             bad = int((~torch.isfinite(values)).nonzero()[0])
-            raise FloatingPointError(f"scorer {scorer.name!r} returned {values[bad].item()} for response {bad}")
-        rows.append(values)
-    return torch.stack(rows) if rows else torch.empty(0, len(prompts))
+            raise FloatingPointError(f"scorer {scorer.name!r} returned {values[bad].item()} for response {start + bad}")
+        parts.append(values)
+        progress.update(count)
+    return torch.cat(parts) if parts else torch.empty(0)
 
 
 class ScoreNormalizer(torch.nn.Module):
@@ -139,13 +156,15 @@ class ModelScorer:
 
         self.name, self.cfg = name, cfg
         self.device = resolve_device(cfg.device)
+        gguf = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
         self.tokenizer = load_pretrained(AutoTokenizer, cfg.name_or_path, f"scorers.{name}", revision=cfg.revision,
-                                         trust_remote_code=cfg.trust_remote_code)
+                                         trust_remote_code=cfg.trust_remote_code, **gguf)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         model_class = LlamaForScore if cfg.kind == "score_model" else AutoModelForSequenceClassification
         self.model = load_pretrained(model_class, cfg.name_or_path, f"scorers.{name}", revision=cfg.revision,
-                                     dtype=resolve_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code)
+                                     dtype=resolve_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code,
+                                     **gguf, **cfg.from_pretrained_kwargs)
         self.model.to(self.device).eval().requires_grad_(False)
         if cfg.kind == "score_model" and not cfg.normalize:
             self.model.config.do_normalize = False

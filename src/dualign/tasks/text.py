@@ -16,12 +16,13 @@ from pathlib import Path
 
 import torch
 
-from dualign.errors import ConfigError
+from dualign.errors import ConfigError, DataError
 from dualign.models.hf import (
     PromptFormatter,
     fingerprint,
     load_policy,
     load_tokenizer,
+    materialize,
     reference_for,
     save_policy,
     scale_adapters,
@@ -53,6 +54,7 @@ class PromptSet:
 
 class TextTask:
     def __init__(self, cfg):
+        cfg = replace(cfg, model=materialize(cfg.model, cfg.paths.cache_dir))  # a GGUF file: its cached plain copy
         self.cfg = cfg
         self.tokenizer = load_tokenizer(cfg.model)
         self.formatter = PromptFormatter(self.tokenizer, cfg.model)
@@ -127,6 +129,9 @@ class TextTask:
 
     def dataset_rollouts(self) -> Rollouts:
         """The dataset's own responses as rollouts of pi_ref (the paper's pairs: consecutive responses of a prompt)."""
+        if not any(example.responses for example in self.train.examples):
+            raise DataError(f"policy_step.pairs_from=dataset pairs the dataset's responses, but data.path="
+                            f"{self.cfg.data.path} has none (prompt-only); use policy_step.pairs_from=reference")
         index, ids, prompts, responses = [], [], [], []
         for i, example in enumerate(self.train.examples):
             for response in example.responses:

@@ -143,11 +143,18 @@ def _pku(rows, split: str) -> list[Example]:
 
 
 def _columns(rows, split: str, prompt_column: str, response_columns: list[str]) -> list[Example]:
-    _require_columns(rows, split, [prompt_column, *response_columns])
+    _require_columns(rows, split, [prompt_column])
+    if response_columns and not any(c in rows.column_names for c in response_columns):
+        # prompt-only data: fine unless a step needs the dataset's responses (that step says so)
+        log.info("data %s: no response columns (%s): prompt-only data", split, ", ".join(response_columns))
+        response_columns = []
+    _require_columns(rows, split, response_columns)  # some present, some not: a misnamed column
     examples = []
     for index, row in enumerate(rows):
         prompt = _text(row, index, split, prompt_column, allow_empty=False)
-        if len(response_columns) == 1:  # one column holding a list of responses
+        if not response_columns:
+            responses = []
+        elif len(response_columns) == 1:  # one column holding a list of responses
             responses = row[response_columns[0]]
             if not isinstance(responses, list) or len(responses) < 2 or len(responses) % 2 or \
                     not all(isinstance(r, str) for r in responses):

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from dualign.core.dpo import response_logprobs
 from dualign.errors import ConfigError
 from dualign.util import distributed, seeds
+from dualign.util.progress import bar
 from dualign.util.timing import stage
 
 log = logging.getLogger("dualign")
@@ -82,13 +83,16 @@ def sequence_logprobs(model, input_ids, attention_mask, response_mask, allowed_t
     autocast = (torch.autocast(device.type, dtype=autocast_dtype, cache_enabled=False) if autocast_dtype is not None
                 else contextlib.nullcontext())
     out = []
-    for start in range(0, input_ids.shape[0], batch_size):
-        part = slice(start, start + batch_size)
-        width = int(attention_mask[part].sum(-1).max())  # right padding: columns past the longest row are padding
-        ids, mask = input_ids[part, :width].to(device), attention_mask[part, :width].to(device)
-        with autocast:  # the whole step as training runs it, log-softmax included
-            logits = model(input_ids=ids, attention_mask=mask).logits
-            out.append(response_logprobs(logits, ids, response_mask[part, :width].to(device), allowed_token_ids).float().cpu())
+    with bar(input_ids.shape[0], "log-probabilities", "seq") as progress:
+        for start in range(0, input_ids.shape[0], batch_size):
+            part = slice(start, start + batch_size)
+            width = int(attention_mask[part].sum(-1).max())  # right padding: columns past the longest row are padding
+            ids, mask = input_ids[part, :width].to(device), attention_mask[part, :width].to(device)
+            with autocast:  # the whole step as training runs it, log-softmax included
+                logits = model(input_ids=ids, attention_mask=mask).logits
+                out.append(response_logprobs(logits, ids, response_mask[part, :width].to(device),
+                                             allowed_token_ids).float().cpu())
+            progress.update(ids.shape[0])
     return torch.cat(out)
 
 
