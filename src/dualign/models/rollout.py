@@ -8,6 +8,9 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from dualign.models.decode import decode
+from dualign.util.progress import bar
+
 
 @dataclass
 class Rollouts:
@@ -45,11 +48,13 @@ def sample_responses(
     allowed_token_ids: torch.Tensor | None = None,
     batch_size: int = 4096,
     cache: str = "dynamic",
+    backend: str = "hf",
 ) -> Rollouts:
     """num_samples responses for every prompt, prompt-major order. Deterministic for a given seed.
 
     Prompts are grouped by length (left padding only up to the longest prompt of each batch) and every batch of
-    `batch_size` sequences is one `generate` call, so the KV cache serves all K samples of a prompt together."""
+    `batch_size` sequences is one `generate` call (backend=hf) or one run of dualign's decode loop (backend=fast,
+    models/decode.py), so the KV cache serves all K samples of a prompt together."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -58,34 +63,24 @@ def sample_responses(
     prompts_per_batch = max(1, batch_size // num_samples)
     by_length = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))  # stable: equal lengths keep order
     outputs: dict[int, list[list[int]]] = {}
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+            bar(len(prompt_ids) * num_samples, "rollouts", "seq") as progress:
         torch.manual_seed(seed)
         for start in range(0, len(by_length), prompts_per_batch):
             members = by_length[start : start + prompts_per_batch]
             chunk = [prompt_ids[i] for i in members]
-            width = max(len(ids) for ids in chunk)
-            input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in chunk], device=device)  # left padding
-            attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk], device=device)
-            output = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                do_sample=True,
-                temperature=temperature,
-                top_p=top_p,
-                top_k=0,
-                max_new_tokens=max_new_tokens,
-                min_new_tokens=min_new_tokens,
-                num_return_sequences=num_samples,
-                logits_processor=processors,
-                # static: a preallocated KV cache written in place (the dynamic one concatenates every step)
-                **({"cache_implementation": "static"} if cache == "static" else {}),
-                pad_token_id=pad_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-            for row, tokens in enumerate(output[:, width:].tolist()):
+            if backend == "fast":
+                rows = decode(model, chunk, num_samples, max_new_tokens, pad_token_id=pad_id,
+                              eos_token_id=tokenizer.eos_token_id, temperature=temperature, top_p=top_p,
+                              min_new_tokens=min_new_tokens, allowed_token_ids=allowed_token_ids)
+            else:
+                rows = _generate(model, chunk, num_samples, max_new_tokens, pad_id, tokenizer.eos_token_id, temperature,
+                                 top_p, min_new_tokens, processors, cache)
+            for row, tokens in enumerate(rows):
                 if tokenizer.eos_token_id in tokens:
                     tokens = tokens[: tokens.index(tokenizer.eos_token_id) + 1]
                 outputs.setdefault(members[row // num_samples], []).append(tokens)
+            progress.update(len(members) * num_samples)
     model.train(was_training)
     index = [i for i in range(len(prompt_ids)) for _ in range(num_samples)]
     generated = [tokens for i in range(len(prompt_ids)) for tokens in outputs[i]]
@@ -97,6 +92,32 @@ def sample_responses(
         responses=tokenizer.batch_decode(generated, skip_special_tokens=True),
         finished=ended_with(generated, tokenizer.eos_token_id),
     )
+
+
+def _generate(model, chunk, num_samples, max_new_tokens, pad_id, eos_id, temperature, top_p, min_new_tokens,
+              processors, cache) -> list[list[int]]:
+    """One `generate` call for prompts `chunk`: their generated tokens, K rows a prompt (padding after EOS)."""
+    device = next(model.parameters()).device
+    width = max(len(ids) for ids in chunk)
+    input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in chunk], device=device)  # left padding
+    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk], device=device)
+    output = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        do_sample=True,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=0,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        num_return_sequences=num_samples,
+        logits_processor=processors,
+        # static: a preallocated KV cache written in place (the dynamic one concatenates every step)
+        **({"cache_implementation": "static"} if cache == "static" else {}),
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+    )
+    return output[:, width:].tolist()
 
 
 def ended_with(response_ids: list[list[int]], eos_token_id: int) -> list[bool]:

@@ -46,4 +46,5 @@ class Sampler:
             model, self.tokenizer, prompts, prompt_ids, samples, self.max_new_tokens, seed=seed,
             temperature=generation.temperature, top_p=generation.top_p, min_new_tokens=self.min_new_tokens,
             allowed_token_ids=self.allowed_token_ids, batch_size=generation.batch_size, cache=generation.cache,
+            backend=generation.backend,
         )
