@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -31,6 +32,7 @@ from dualign.models.hf import load_causal_lm, load_tokenizer, materialize
 from dualign.models.rollout import sample_responses
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # benchmarks/run.py's timed loops
 PROMPTS = [json.loads(line)["prompt"] for line in (ROOT / "data/everyday_prompts/train.jsonl").read_text().splitlines()]
 
 
@@ -109,19 +111,16 @@ def bench_rollouts(cfg, tokenizer, args) -> None:
 
 
 def bench_dpo(cfg, tokenizer, args) -> None:
-    """Pairs per second of one DPO optimiser step after 2 warm-up steps, both frameworks on the same token ids."""
+    """Pairs per second of one DPO optimiser step after 2 warm-up steps, both frameworks on the same token ids; the
+    timed loops are benchmarks/run.py's (TRL's own train loop; dualign's AlignmentModule + DPOStep under Lightning)."""
     import datasets
-    import lightning as L
     import trl
     from peft import LoraConfig
-    from transformers import TrainerCallback
+    from run import timed_dualign, timed_trl
 
-    from dualign.config import OptimizerConfig
-    from dualign.models.hf import with_adapters
+    from dualign.models.hf import AdapterDisabled, with_adapters
     from dualign.models.rollout import Rollouts
-    from dualign.training.data import loader, preference_pairs
-    from dualign.training.module import AlignmentModule
-    from dualign.training.policy_steps import DPOStep
+    from dualign.training.data import preference_pairs
 
     batch, steps, warmup = args.dpo_batch, args.dpo_steps, 2
     count = batch * steps
@@ -129,23 +128,10 @@ def bench_dpo(cfg, tokenizer, args) -> None:
                                               {"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
                for p in PROMPTS[:count]]
     answer = lambda i: " ".join(PROMPTS[i % len(PROMPTS)].split()[::-1] * 3)  # noqa: E731  about 40 tokens
-    chosen, rejected = [answer(i + 1) for i in range(count)], [answer(i + 2) for i in range(count)]
+    data = datasets.Dataset.from_dict({"prompt": prompts, "chosen": [answer(i + 1) for i in range(count)],
+                                       "rejected": [answer(i + 2) for i in range(count)]})
     lora = LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.0,
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-
-    # TRL tokenises the texts; dualign then trains on TRL's own token ids (the same tokens in both)
-    marks = []
-
-    class Clock(TrainerCallback):
-        def on_step_begin(self, targs, state, control, **kwargs):
-            if state.global_step == warmup:
-                marks.append(time.perf_counter())
-
-        def on_step_end(self, targs, state, control, **kwargs):
-            if state.global_step == state.max_steps:
-                marks.append(time.perf_counter())
-
-    data = datasets.Dataset.from_dict({"prompt": prompts, "chosen": chosen, "rejected": rejected})
     trl_rates = {}
     for precompute in (False, True):  # TRL's reference log-probs per step (its default), or once before training
         targs = trl.DPOConfig(output_dir=tempfile.mkdtemp(), beta=0.1, loss_type=["sigmoid"], learning_rate=5e-4,
@@ -153,38 +139,18 @@ def bench_dpo(cfg, tokenizer, args) -> None:
                               bf16=False, report_to=[], logging_steps=steps, save_strategy="no",
                               dataloader_num_workers=0, max_grad_norm=1.0, use_cpu=True,
                               precompute_ref_log_probs=precompute)
-        marks.clear()
         trainer = trl.DPOTrainer(model=load_causal_lm(cfg), args=targs, train_dataset=data, processing_class=tokenizer,
-                                 peft_config=lora, callbacks=[Clock()])
-        trainer.train()
-        trl_rates[precompute] = batch / ((marks[1] - marks[0]) / (steps - warmup))
+                                 peft_config=lora)
+        trl_rates[precompute] = batch / timed_trl(trainer, warmup)
+
+    # dualign trains on TRL's own token ids (the same tokens in both); reference log-probs once, adapters off
     tokenized = trainer.train_dataset
-    prompt_ids, chosen_ids, rejected_ids = tokenized["prompt_ids"], tokenized["chosen_ids"], tokenized["rejected_ids"]
-
-    # dualign: the same ids as rollouts of pi_ref, hard labels (chosen wins), reference log-probs computed once
-    policy = with_adapters(load_causal_lm(cfg), replace(cfg, lora=replace(cfg.lora, dropout=0.0)))
-    from dualign.models.hf import AdapterDisabled
-
-    responses = [ids for c, r in zip(chosen_ids, rejected_ids) for ids in (r, c)]
+    responses = [ids for c, r in zip(tokenized["chosen_ids"], tokenized["rejected_ids"]) for ids in (r, c)]
     rollouts = Rollouts(torch.arange(count).repeat_interleave(2), responses, [], [])
-    pairs = preference_pairs(prompt_ids, rollouts, torch.tensor([[0.0, 1.0] * count]), AdapterDisabled(policy),
-                             tokenizer.pad_token_id, 1, 0, batch_size=16)
-    marks.clear()
-
-    class LightningClock(L.Callback):
-        def on_train_batch_start(self, trainer, module, batch_, batch_idx):
-            if trainer.global_step == warmup:
-                marks.append(time.perf_counter())
-
-        def on_train_batch_end(self, trainer, module, outputs, batch_, batch_idx):
-            if trainer.global_step == steps:
-                marks.append(time.perf_counter())
-
-    module = AlignmentModule(policy, DPOStep(0.1, labels="hard"), torch.zeros(0), OptimizerConfig(lr=5e-4), 1)
-    L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-              enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0, num_sanity_val_steps=0,
-              callbacks=[LightningClock()]).fit(module, train_dataloaders=loader(pairs, batch, 0))
-    dualign_rate = batch / ((marks[1] - marks[0]) / (steps - warmup))
+    policy = with_adapters(load_causal_lm(cfg), replace(cfg, lora=replace(cfg.lora, dropout=0.0)))
+    pairs = preference_pairs(tokenized["prompt_ids"], rollouts, torch.tensor([[0.0, 1.0] * count]),
+                             AdapterDisabled(policy), tokenizer.pad_token_id, 1, 0, batch_size=16)
+    dualign_rate = batch / timed_dualign(policy, pairs, batch, steps, warmup)
     tokens = float(pairs.tensors["attention_mask"].sum()) / len(pairs)  # both sequences of a pair
     print(f"\nDPO step, SmolLM2-135M-Instruct + LoRA r 8 (q, k, v, o), float32, {batch} pairs a step, {tokens:.0f} "
           f"tokens a pair, {steps - warmup} timed steps")

@@ -101,11 +101,11 @@ def fingerprint(name_or_path: str, revision: str | None = None) -> str:
 
 
 def load_tokenizer(cfg: HFModelConfig):
+    """cfg's tokenizer (a GGUF model's comes from its converted copy: pass cfg through `materialize` first)."""
     from transformers import AutoTokenizer
 
-    gguf = {"gguf_file": cfg.gguf_file} if cfg.gguf_file and not cfg.tokenizer else {}
     tokenizer = load_pretrained(AutoTokenizer, cfg.tokenizer or cfg.name_or_path, "model", revision=cfg.revision,
-                                trust_remote_code=cfg.trust_remote_code, **gguf)
+                                trust_remote_code=cfg.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
     if tokenizer.eos_token_id is None:
@@ -150,11 +150,9 @@ def _disable_dropout(model) -> None:
 def load_causal_lm(cfg: HFModelConfig, path: str | None = None):
     from transformers import AutoModelForCausalLM
 
-    gguf = {"gguf_file": cfg.gguf_file} if cfg.gguf_file and path is None else {}
     model = load_pretrained(AutoModelForCausalLM, path or cfg.name_or_path, "model", revision=cfg.revision,
                             dtype=resolve_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code,
-                            **gguf, **cfg.from_pretrained_kwargs)
-    without_gguf_quantization(model)
+                            **cfg.from_pretrained_kwargs)
     if cfg.disable_dropout:
         _disable_dropout(model)
     return model

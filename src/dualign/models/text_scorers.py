@@ -71,8 +71,8 @@ class EmbeddingSimilarity:
         answers = self._embed(responses)
         if self.fixed is not None:
             return answers @ self.fixed[0]
-        unique = list(dict.fromkeys(prompts))  # K responses a prompt: embed each prompt once
-        questions = self._embed(unique)[torch.tensor([unique.index(p) for p in prompts])] if unique else answers[:0]
+        position = {prompt: i for i, prompt in enumerate(dict.fromkeys(prompts))}  # K responses a prompt: embed it once
+        questions = self._embed(list(position))[torch.tensor([position[p] for p in prompts])] if position else answers[:0]
         return (answers * questions).sum(-1)
 
 
