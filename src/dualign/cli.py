@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dualign.config import validate
 from dualign.errors import InputError
+from dualign.tracking.preflight import preflight
 from dualign.util.lifecycle import Terminated
 
 # ${uid:} in run folder names: runs started in the same second never share a folder. Cached, so a process resolves
@@ -62,7 +63,9 @@ def hydra_entry(job: Callable[[DictConfig], dict]) -> None:
 
 
 def train(cfg: DictConfig) -> dict:
-    validate(cfg)  # a config error is one line in a second, before the job's libraries are loaded
+    # a config error, an unwritable folder or an unreachable store is one line in a second, before the job's
+    # libraries are loaded (run() checks again: it is also called without this CLI)
+    preflight(validate(cfg))
     # deferred on purpose: the job imports torch, transformers, lightning and mlflow (about 8 s); --cfg, --help,
     # --multirun's sweep setup and config errors answer without them
     from dualign.run import run

@@ -4,7 +4,6 @@ calls `run` (through cli.py)."""
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -12,8 +11,9 @@ import lightning as L
 from omegaconf import DictConfig
 
 from dualign import tasks
-from dualign.config import ALGORITHMS, ConfigError, TrainConfig, spec, validate
+from dualign.config import ALGORITHMS, TrainConfig, spec, validate
 from dualign.tracking import mlflow, outputs
+from dualign.tracking.preflight import preflight
 from dualign.tracking.summary import RunSummary
 from dualign.training import checkpoints
 from dualign.training.fit import initial_multipliers, train_policy
@@ -25,22 +25,6 @@ from dualign.util.console import quiet_libraries
 RUNNERS = {"lagrangian": train_policy, "stepwise": train_stepwise, "preference": train_pecaid}  # AlgorithmSpec.runner
 
 log = logging.getLogger("dualign")
-
-
-def preflight(cfg: TrainConfig) -> None:
-    """Fail before anything heavy is built when the run could not save its results: an output or cache folder that
-    cannot be written, an MLflow store that cannot be reached."""
-    for key, folder in (("paths.output_dir", cfg.paths.output_dir), ("paths.cache_dir", cfg.paths.cache_dir)):
-        path = Path(folder)
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-            probe = path / f".write-test-{os.getpid()}"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as error:
-            raise ConfigError(f"{key}={folder!r} is not writable ({error.strerror or error})") from None
-    if cfg.logger.enabled and distributed.is_main():
-        mlflow.check_store(cfg.logger.tracking_uri)
 
 
 def run(raw_cfg: DictConfig) -> dict:

@@ -4,10 +4,7 @@ named after their overrides, and a check before anything is built that the store
 from __future__ import annotations
 
 import logging
-import os
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -16,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import OmegaConf
 
-from dualign.errors import ConfigError
+from dualign.tracking.preflight import sqlite_path
 from dualign.util.metrics import flatten_params
 
 log = logging.getLogger("dualign")
@@ -75,21 +72,6 @@ class JobLogger(MLFlowLogger):
             log.warning("MLflow: could not mark run %s %s (%s)", self.run_id, status, str(problem).splitlines()[0])
 
 
-SQLITE_HEADER = b"SQLite format 3\x00"
-
-
-def sqlite_path(uri: str) -> Path:
-    """The database file of a sqlite:/// URI (query options such as ?timeout= left out)."""
-    return Path(uri[len("sqlite:///"):].split("?", 1)[0]).expanduser().resolve()
-
-
-def is_sqlite_file(path: Path) -> bool:
-    """An empty file or one that starts with SQLite's header (16 bytes read, not the whole store)."""
-    with open(path, "rb") as stream:
-        head = stream.read(16)
-    return not head or head == SQLITE_HEADER
-
-
 def prepare_sqlite_store(uri: str) -> str:
     """A sqlite store created (or migrated) by one process at a time, under a file lock: two first runs on a fresh
     store raced in MLflow's schema migration ("duplicate column name"). The returned URI waits up to 60 s for a
@@ -98,31 +80,6 @@ def prepare_sqlite_store(uri: str) -> str:
     with FileLock(f"{path}.lock", timeout=600):
         mlflow.MlflowClient(uri).search_experiments(max_results=1)  # creates or migrates the schema
     return uri if "timeout=" in uri else f"{uri}{'&' if '?' in uri else '?'}timeout=60"
-
-
-def check_store(uri: str) -> None:
-    """Before anything is built: a server that answers, or a sqlite file that is one in a writable folder."""
-    if uri.startswith(("http://", "https://")):
-        try:
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10).read()
-        except (urllib.error.URLError, OSError) as error:
-            reason = getattr(error, "reason", error)
-            raise ConfigError(f"logger.tracking_uri={uri!r} is not reachable ({reason}); start the server or set "
-                              "logger.enabled=false") from None
-    elif uri.startswith("sqlite:///"):
-        database = sqlite_path(uri)
-        if database.is_file() and not is_sqlite_file(database):
-            raise ConfigError(f"logger.tracking_uri={uri!r}: {database} is not an SQLite database")
-        folder = database.parent
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise ConfigError(f"logger.tracking_uri={uri!r}: cannot create {folder} ({error.strerror})") from None
-        if not os.access(folder, os.W_OK):
-            raise ConfigError(f"logger.tracking_uri={uri!r}: {folder} is not writable")
-    elif uri.startswith("file:") or "://" not in uri:
-        raise ConfigError(f"logger.tracking_uri={uri!r}: MLflow 3 needs a database or server store, "
-                          "e.g. sqlite:///outputs/mlflow.db or http://host:5000")
 
 
 NAMELESS = ("paths.", "logger.", "hydra.", "ckpt_path", "trainer.enable_progress_bar", "allow_resume_changes")
