@@ -147,3 +147,31 @@ def test_hard_labels_over_merged_pairs_are_win_fractions():
     win, lose = -F.logsigmoid(beta * margin), -F.logsigmoid(-beta * margin)
     # 3 sample pairs: the two copies of y0 (log 2), copy 1 over y1 won, copy 2 over y1 lost
     assert torch.allclose(loss, ((math.log(2) + win + lose) / 3).view(1), atol=1e-6)
+
+
+def test_given_labels_replace_the_pseudo_preferences_of_the_scores():
+    """A batch with a `label` column (a dataset's own preferences: PeCAID's pre-alignment) learns those labels,
+    whatever the scores, the multipliers or the hard-label draw say."""
+    from dualign.training.policy_steps import DPOStep
+
+    class Fixed(torch.nn.Module):  # the logits of every position: token 1 likelier in row 0, token 2 in row 1
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.tensor(1.0))
+
+        def forward(self, input_ids, attention_mask):
+            logits = torch.zeros(*input_ids.shape, 4)
+            logits[0::2, :, 1] = 2.0
+            logits[1::2, :, 2] = 1.0
+            return type("Out", (), {"logits": self.scale * logits})()
+
+    ids = torch.tensor([[[0, 1, 1], [0, 2, 2]]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "response_mask": torch.tensor([[[0, 1, 1]] * 2]),
+             "ref_logps": torch.tensor([[-2.0, -3.0]]), "reward": torch.tensor([[5.0, -5.0]]),
+             "utility": torch.tensor([[[5.0, -5.0]]]), "label_uniform": torch.tensor([[0.5]]),
+             "label": torch.tensor([1.0])}  # y1 preferred, though the scores prefer y0 by far
+    policy = Fixed()
+    loss, _ = DPOStep(0.5, labels="hard")(policy, batch, torch.tensor([1.0]), 0)
+    logits = policy(ids.view(2, 3), None).logits
+    logps = response_logprobs(logits, ids.view(2, 3), batch["response_mask"].view(2, 3)) - batch["ref_logps"].view(2)
+    assert torch.allclose(loss, dpo_loss((logps[1] - logps[0]).view(1), torch.tensor([1.0]), 0.5).mean())

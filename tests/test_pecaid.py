@@ -6,7 +6,6 @@ import torch
 
 from dualign import tasks
 from dualign.config import ConfigError, validate
-from dualign.core.dual_steps import per_prompt_means
 from dualign.core.duality import composite_reward
 from dualign.run import run
 from dualign.training.preference import ImplicitScores, pre_align
@@ -35,7 +34,7 @@ def test_implicit_scores_and_the_composite_reward_match_a_hand_computation(make_
     expected = torch.stack([beta * (reward_model - reference)[prompt, response],
                             beta * (safety_model - reference)[prompt, response]])
     assert torch.allclose(scores.double(), expected, atol=2e-4)
-    implicit.offsets = per_prompt_means(scores[1:], prompt, len(task.prompts))
+    implicit.center_on(rollouts, scores)
     centred = implicit.score_rollouts(rollouts)
     offset = torch.stack([expected[1][prompt == p].mean() for p in range(len(task.prompts))])
     assert torch.allclose(centred[1].double(), expected[1] - offset[prompt], atol=2e-4)
@@ -65,3 +64,55 @@ def test_pecaid_refuses_what_it_cannot_do(make_cfg):
         validate(make_cfg("algorithm=pecaid", "algorithm.dual_estimator=exact"))
     with pytest.raises(ConfigError, match="must be improvements"):
         validate(make_cfg("algorithm=pecaid", "constraints.safety.threshold_type=absolute"))
+
+
+def test_text_pecaid_learns_each_objective_from_the_datasets_own_labels(tmp_path, cache_dir):
+    """PKU-SafeRLHF's better_response_id trains the reward model and safer_response_id the safety model; the run
+    reports the implicit improvement PeCAID constrains on the test split, beside the scorers' view."""
+    from test_text_train import compose_text
+
+    cfg = compose_text(tmp_path, cache_dir, "algorithm=pecaid", "constraints.safety.threshold=0.12",
+                       "algorithm.preference_epochs=4", "algorithm.iterations=2", "algorithm.epochs_per_iteration=1",
+                       "algorithm.compare_one_shot=false", "evaluation.every_iteration=false",
+                       "evaluation.samples_per_prompt=4", "algorithm.dual_samples=4")
+    run(cfg)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    implicit = summary["details"]["implicit_evaluation"]
+    assert implicit["prompts"] == 16 and implicit["improvement_ci"][0] > 0 and implicit["threshold"] == [pytest.approx(0.12)]
+    assert set(summary["details"]["implicit_correlation"]) == {"reward", "safety"}
+    assert len(summary["trajectory"]) == 2 and summary["final"]["scores"]["safety"]["improvement_ci"] > 0
+
+    context = tasks.build(validate(cfg)).prepare()
+    task, examples = context.task, context.task.train.examples
+    models = []
+    for objective, column in enumerate(("better_response_id", "safer_response_id")):
+        stage, _ = task.preference_stage(context, objective)
+        assert torch.equal(stage.pairs.tensors["label"], torch.tensor([float(e.labels[column]) for e in examples]))
+        model = pre_align(context, objective, ["reward", "safety"][objective], tmp_path / "again")  # from the cache
+        models.append(model)
+    text_entries = [folder for folder in (cache_dir / "pre_aligned").iterdir()
+                    if "pku_saferlhf" in (folder / "key.json").read_text()]
+    assert len(text_entries) == 2
+    for folder in text_entries:  # only the adapters are stored
+        assert all("lora_" in name for name in torch.load(folder / "policy.pt", weights_only=True))
+    assert not (tmp_path / "again").exists()
+    # each pre-aligned model ranks the dataset's training pairs the way its own column labels them
+    scores = ImplicitScores(models, context.reference, cfg.beta, task).raw(task.dataset_rollouts())
+    for objective, column in enumerate(("better_response_id", "safer_response_id")):
+        prefers_second = scores[objective, 1::2] > scores[objective, 0::2]
+        labels = torch.tensor([e.labels[column] for e in examples], dtype=torch.bool)
+        assert (prefers_second == labels).float().mean() > 0.75
+
+
+def test_text_pecaid_refuses_data_without_a_label_per_objective(tmp_path, cache_dir):
+    from test_text_train import compose_text
+
+    cfg = compose_text(tmp_path, cache_dir, "algorithm=pecaid", "~data.preference_columns.safety")
+    with pytest.raises(ConfigError, match="data.preference_columns has no column for 'safety'"):
+        validate(cfg)
+    cfg = compose_text(tmp_path, cache_dir, "algorithm=pecaid", "reference.prompts=8", "algorithm.dual_prompts=16")
+    with pytest.raises(ConfigError, match="exceeds reference.prompts=8"):
+        validate(cfg)
+    cfg = compose_text(tmp_path, cache_dir, "algorithm=pecaid", "data.kind=hh_rlhf")
+    with pytest.raises(ConfigError, match="hh_rlhf rows hold one"):
+        validate(cfg)

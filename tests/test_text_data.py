@@ -17,6 +17,8 @@ def test_pku_saferlhf_fixture_loads_both_splits():
     first = json.loads((FIXTURES / "pku_saferlhf" / "train.jsonl").read_text().splitlines()[0])
     assert train[0].prompt == first["prompt"] and train[0].responses == [first["response_0"], first["response_1"]]
     assert train[0].messages == [{"role": "user", "content": first["prompt"]}]
+    assert train[0].labels == {"better_response_id": first["better_response_id"],
+                               "safer_response_id": first["safer_response_id"]}
 
 
 def test_hh_rlhf_split_keeps_multi_turn_conversations():
@@ -39,6 +41,11 @@ def test_jsonl_with_configured_columns_and_a_list_column(tmp_path):
     path.write_text(json.dumps({"q": "x?", "rs": ["a", "b", "c", "d"]}) + "\n")
     examples = load_split(TextDataConfig(kind="jsonl", path=str(path), prompt_column="q", response_columns=["rs"]), "train")
     assert examples[0].responses == ["a", "b", "c", "d"]
+    # preference labels: read from the configured columns a file has (the step that needs a missing one says so)
+    path.write_text(json.dumps({"q": "x?", "a": "1", "b": "2", "kind": 1}) + "\n")
+    labelled = TextDataConfig(kind="jsonl", path=str(path), prompt_column="q", response_columns=["a", "b"],
+                              preference_columns={"reward": "kind", "safety": "absent"})
+    assert load_split(labelled, "train")[0].labels == {"kind": 1}
 
 
 def _pku_file(tmp_path, rows):
@@ -54,6 +61,8 @@ def _pku_file(tmp_path, rows):
     ({"prompt": "  "}, "row 2: field 'prompt' is empty"),
     ({"response_1": None}, "row 2: field 'response_1' is missing or not text"),
     ({"safer_response_id": None}, "row 2: field 'safer_response_id' is missing"),
+    ({"better_response_id": 2}, "row 2: field 'better_response_id' must be 0 or 1"),
+    ({"safer_response_id": True}, "row 2: field 'safer_response_id' must be 0 or 1"),
 ])
 def test_bad_rows_stop_the_load_naming_row_and_field(tmp_path, row, message):
     cfg = _pku_file(tmp_path, [{}, {}, row])

@@ -143,6 +143,9 @@ def test_real_experiment_configs_compose_and_validate(tmp_path, cache_dir):
     assert (pku.model.lora.r, pku.model.lora.alpha, pku.model.lora.dropout) == (8, 16, 0.05)
     assert (pku.optimizer.lr, pku.beta, pku.generation.top_p, pku.algorithm.dual_prompts) == (5e-4, 0.1, 0.9, 600)
     assert not pku.model.trust_remote_code and not any(s.trust_remote_code for s in pku.scorers.values())
+    pecaid = composed("experiment=pku_safety", "algorithm=pecaid")  # PKU-SafeRLHF's own labels, 2 epochs each
+    assert pecaid.data.preference_columns == {"reward": "better_response_id", "safety": "safer_response_id"}
+    assert pecaid.algorithm.preference_epochs == 2
     hh = composed("experiment=hh_two_constraints", "model.name_or_path=/models/llama2-7b-hh-sft")
     assert list(hh.constraints) == ["harmlessness", "humour"] and hh.algorithm.iterations == 3
     with pytest.raises(ConfigError, match="model.name_or_path: Missing mandatory value"):

@@ -27,7 +27,7 @@ class AlgorithmSpec:
     policy_steps: tuple[str, ...] | None = None  # the policy steps it works with (None: any)
     runner: str = "lagrangian"  # lagrangian: one run on the Lagrangian (training/fit.py); stepwise: one DPO run per
     # objective in turn (training/stepwise.py); preference: pre-aligned DPO models' implicit rewards (training/preference.py)
-    tables_only: bool = False  # learns from labels drawn from the exact task's tables (text datasets' labels: not wired)
+    preference_labels: bool = False  # learns each objective from preference labels (the task supplies them)
 
     @property
     def updates_multipliers(self) -> bool:
@@ -43,10 +43,6 @@ class AlgorithmSpec:
         if self.policy_steps is not None and cfg.policy_step.name not in self.policy_steps:
             raise ConfigError(f"algorithm.name={self.name} needs policy_step={' or '.join(self.policy_steps)} (its dual "
                               f"step uses the policy step's own samples), not policy_step.name={cfg.policy_step.name!r}")
-        if self.tables_only and not cfg.data.enumerable:
-            raise ConfigError(f"algorithm.name={self.name} draws its preference labels from the exact task's tables "
-                              f"(data=exact); reading a text dataset's labels (PKU-SafeRLHF's better_response_id / "
-                              f"safer_response_id) is not built, so data.kind={cfg.data.kind!r} is refused")
         if self.runner == "preference" and cfg.algorithm.dual_estimator != "rollout":
             raise ConfigError(f"algorithm.name={self.name} measures the constraints with implicit rewards on the "
                               "policy's samples: algorithm.dual_estimator must be rollout")
@@ -84,7 +80,7 @@ ALGORITHMS = {spec.name: spec for spec in (
     AlgorithmSpec("pecaid", "CAID from preference labels alone: one pre-aligned DPO model per objective, their implicit "
                   "rewards beta log(pi_k / pi_ref) as the scores (PeCAID)",
                   Trigger.iteration, warm_start=True, iterative=True, needs_constraints=True, policy_steps=("dpo",),
-                  runner="preference", tables_only=True),
+                  runner="preference", preference_labels=True),
 )}
 
 

@@ -132,7 +132,7 @@ class AlgorithmConfig:
     dual_rule: DualRule = DualRule.projected
     trust_radius: Optional[float] = None  # newton: the largest move of a multiplier per step (None: max(1, max lambda))
     merge_weight: Optional[float] = None  # sacpo: P-SACPO's q, weights reward-aligned + q (final - reward-aligned)
-    preference_epochs: int = 48  # pecaid: epochs of each objective's pre-alignment DPO (one label per pi_ref pair)
+    preference_epochs: int = 48  # pecaid: epochs of each objective's pre-alignment DPO (text sizes: 2 over the dataset)
     dual_every_steps: Optional[int] = None  # a dual step every k optimiser steps (step-triggered algorithms)
 
     def check(self, cfg: "TrainConfig") -> None:

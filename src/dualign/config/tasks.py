@@ -9,6 +9,7 @@ from typing import Any, ClassVar, Optional
 
 from omegaconf import MISSING
 
+from dualign.config.algorithms import spec
 from dualign.config.checks import choice, positive, within
 from dualign.config.schema import ChatTemplate, Dtype, TrainConfig
 from dualign.errors import ConfigError
@@ -94,6 +95,9 @@ class TextDataConfig:
     drop_identical_responses: bool = False  # filter: pairs whose two responses are equal carry no preference
     drop_mismatched_prompts: bool = False  # hh_rlhf filter: chosen and rejected with different conversations
     test_fraction: Optional[float] = None  # a single file: hold out this fraction of its rows (seeded) as the test split
+    # algorithm=pecaid's labels, one per objective: objective (reward, or a constraint's name) -> the column holding the
+    # index (0 or 1) of the response that objective prefers (pku_saferlhf: better_response_id, safer_response_id)
+    preference_columns: dict[str, str] = field(default_factory=dict)
 
     def scorer_names(self) -> tuple[str, ...]:
         return ()  # text tasks score with the configured scorers only
@@ -111,6 +115,27 @@ class TextDataConfig:
                 positive(f"data.{key}", getattr(self, key))
         if self.test_fraction is not None:
             within("data.test_fraction", self.test_fraction, 0, 1)
+        if spec(cfg.algorithm.name).preference_labels:
+            self._check_preference_labels(cfg)
+
+    def _check_preference_labels(self, cfg: TrainConfig) -> None:
+        """PeCAID learns every objective from the dataset's own labels on its two responses a prompt."""
+        name = cfg.algorithm.name
+        if self.kind == "hh_rlhf":
+            raise ConfigError(f"algorithm.name={name} needs one preference label per objective; hh_rlhf rows hold one "
+                              "(chosen over rejected): use pku_saferlhf or a jsonl file with a label column per objective")
+        if self.kind == "jsonl" and len(self.response_columns) != 2:
+            raise ConfigError(f"algorithm.name={name} reads labels on pairs: data.response_columns must name the two "
+                              f"responses a row, not {list(self.response_columns)}")
+        for objective in ("reward", *cfg.constraints):
+            if objective not in self.preference_columns:
+                raise ConfigError(f"algorithm.name={name} learns each objective from the dataset's labels: "
+                                  f"data.preference_columns has no column for {objective!r} (e.g. "
+                                  f"data.preference_columns.{objective}=safer_response_id)")
+        if cfg.reference.prompts is not None and cfg.algorithm.dual_prompts > cfg.reference.prompts:
+            raise ConfigError(f"algorithm.dual_prompts={cfg.algorithm.dual_prompts} exceeds reference.prompts="
+                              f"{cfg.reference.prompts}: {name} centres implicit utilities on pi_ref's mean per prompt, "
+                              "so its dual step samples only prompts with pi_ref rollouts")
 
 
 @dataclass

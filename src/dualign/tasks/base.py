@@ -64,6 +64,8 @@ class Task(Protocol):
     min_new_tokens: int
     description: str  # "the exact task", "pku_saferlhf (16 test prompts)": for titles
     evaluates_every_iteration: bool  # the evaluator runs after every iteration (cheap, or asked for)
+    logprob_batch_size: int  # sequences a forward pass when log-probabilities are taken without gradients
+    evaluation_prompts: object  # the prompts policies are evaluated on (prompts, prompt_token_ids): a test split
 
     def reference_stage(self) -> ReferenceStage:
         """pi_ref, the scorers, the sampler and pi_ref's scored rollouts (cached on disk where the task caches)."""
@@ -83,6 +85,11 @@ class Task(Protocol):
         """The policy with weights start + weight (end - start), where end continued from start (P-SACPO's merge)."""
 
     def pairs(self, context: RunContext, rollouts, scores: torch.Tensor, cache_key: dict | None = None): ...
+
+    def preference_stage(self, context: RunContext, objective: int) -> tuple[RunContext, dict]:
+        """(the context of PeCAID's pre-alignment of objective `objective` (0: the reward; its policy-step settings
+        and its labelled pairs), what those labels depend on, for the cache key): the exact task draws labels from
+        its tables, a text task reads the dataset's own."""
 
     def evaluator(self, context: RunContext) -> Evaluator: ...
 

@@ -17,12 +17,13 @@ from dualign.tasks.exact_problem import ExactProblem, reference_policy
 from dualign.training.context import Enumeration, RunContext
 from dualign.training.data import policy_step_data
 from dualign.training.module import autocast_dtype
-from dualign.util import timing
+from dualign.util import seeds, timing
 
 
 class ExactTask:
     description = "the exact task"
     evaluates_every_iteration = True  # enumeration takes milliseconds
+    logprob_batch_size = 1024  # sequences a forward pass when log-probabilities are taken without gradients
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -30,6 +31,7 @@ class ExactTask:
         self.prompts, self.prompt_token_ids = self.problem.prompts, self.problem.prompt_token_ids
         self.tokenizer, self.allowed_token_ids = self.problem.tokenizer, self.problem.allowed_token_ids
         self.max_new_tokens = self.min_new_tokens = cfg.data.response_length  # every response has this length
+        self.evaluation_prompts = self  # evaluated on its own prompts (by enumeration; sampled where a step samples)
 
     def reference_stage(self) -> ReferenceStage:
         cfg, problem = self.cfg, self.problem
@@ -49,7 +51,8 @@ class ExactTask:
         cfg, stage = self.cfg, self.reference_stage()
         reference_mean, threshold, one_shot = reference_statistics(cfg, stage)
         context = RunContext(cfg, self, stage.reference, stage.scorers, stage.sampler, stage.prompts, reference_mean,
-                             threshold, one_shot, pairs=None, rollouts=stage.rollouts, scores=stage.scores)
+                             threshold, one_shot, pairs=None, rollouts=stage.rollouts, scores=stage.scores,
+                             reference_rollouts=stage.rollouts, reference_scores=stage.scores)
         pairs = self.pairs(context, stage.rollouts, stage.scores) if cfg.policy_step.name == "dpo" else None
         return replace(context, pairs=pairs, enumeration=self.enumeration(stage))
 
@@ -80,7 +83,23 @@ class ExactTask:
         cfg = context.cfg  # a stage of a stepwise or preference run pairs with its own policy-step settings
         return policy_step_data(cfg.policy_step, self.prompt_token_ids, rollouts, scores, context.reference,
                                 self.tokenizer.pad_token_id, cfg.algorithm.iterations, cfg.seed, self.allowed_token_ids,
-                                batch_size=1024, autocast_dtype=autocast_dtype(cfg.trainer.precision))
+                                batch_size=self.logprob_batch_size, autocast_dtype=autocast_dtype(cfg.trainer.precision))
+
+    def preference_stage(self, context: RunContext, objective: int) -> tuple[RunContext, dict]:
+        """PeCAID's pre-alignment of objective row `objective` (0: the reward): one Bradley-Terry label per pair of a
+        prompt's pi_ref rollouts, drawn from that objective's table (every pair of the group: Binomial(c_i c_j, p_ij)
+        wins between distinct responses seen c_i and c_j times), each objective from its own seed so that their label
+        noises are independent."""
+        cfg = context.cfg
+        policy_step = replace(cfg.policy_step, pairs="all", labels="hard", pairs_from="reference")
+        stage = replace(context, cfg=replace(cfg, policy_step=policy_step,
+                                             seed=seeds.seed("preference_labels", cfg.seed, objective)))
+        scores = context.reference_scores.clone()
+        scores[0] = context.reference_scores[objective]
+        stage = replace(stage, pairs=self.pairs(stage, context.reference_rollouts, scores))
+        key = {"labels": "Bradley-Terry from the tables", "scores": scores.double().sum().item(),
+               "policy_step": repr(policy_step), "label_seed": stage.cfg.seed}
+        return stage, key
 
     def evaluator(self, context: RunContext) -> "ExactEvaluator":
         return ExactEvaluator(context.enumeration, self.problem)

@@ -36,7 +36,7 @@ from dualign.tasks.text_cache import reference_logps, scored_rollouts
 from dualign.tasks.text_data import load_split
 from dualign.tasks.text_evaluation import TextEvaluator
 from dualign.training.context import RunContext
-from dualign.training.data import policy_step_data
+from dualign.training.data import policy_step_data, preference_pairs
 from dualign.training.module import autocast_dtype
 from dualign.util import seeds
 
@@ -61,10 +61,12 @@ class TextTask:
         self.train = PromptSet(load_split(cfg.data, cfg.data.train_split), self.formatter)
         self.test = PromptSet(load_split(cfg.data, cfg.data.test_split), self.formatter)
         self.prompts, self.prompt_token_ids = self.train.prompts, self.train.prompt_token_ids
+        self.evaluation_prompts = self.test
         self.allowed_token_ids = None
         self.max_new_tokens, self.min_new_tokens = cfg.generation.max_new_tokens, 0
         self.description = f"{cfg.data.kind} ({len(self.test.prompts)} test prompts)"
         self.evaluates_every_iteration = cfg.evaluation.every_iteration  # it costs rollouts of pi and pi_ref
+        self.logprob_batch_size = 2 * cfg.policy_step.batch_size  # no gradients: twice the training micro-batch
         self.policy_fingerprint = fingerprint(cfg.model.name_or_path, cfg.model.revision)
         # the examples themselves, not the path: a file rewritten in place (same rows or not) is other data
         content = [(e.prompt, e.messages, e.responses) for split in (self.train, self.test) for e in split.examples]
@@ -115,7 +117,8 @@ class TextTask:
                  [round(v, 4) for v in reference_mean.tolist()], len(prompts), stage.samples,
                  [round(v, 4) for v in one_shot.tolist()])
         context = RunContext(cfg, self, reference, scorers, sampler, prompts, reference_mean, threshold, one_shot,
-                             pairs=None, rollouts=rollouts, scores=stage.scores)
+                             pairs=None, rollouts=rollouts, scores=stage.scores, reference_rollouts=rollouts,
+                             reference_scores=stage.scores)
         if cfg.policy_step.name != "dpo":
             return context
         if cfg.policy_step.pairs_from == "dataset":
@@ -148,8 +151,37 @@ class TextTask:
         ref_logps = None if cache_key is None else reference_logps(cfg, self, context.reference, rollouts, cache_key)
         return policy_step_data(cfg.policy_step, self.prompt_token_ids, rollouts, scores, context.reference,
                                 self.tokenizer.pad_token_id, cfg.algorithm.iterations, cfg.seed, None, ref_logps=ref_logps,
-                                batch_size=2 * cfg.policy_step.batch_size,
+                                batch_size=self.logprob_batch_size,
                                 autocast_dtype=autocast_dtype(cfg.trainer.precision))
+
+    def preference_stage(self, context: RunContext, objective: int) -> tuple[RunContext, dict]:
+        """PeCAID's pre-alignment of objective `objective` (0: the reward): DPO on the dataset's two responses a
+        prompt, each pair labelled by that objective's column (data.preference_columns: PKU-SafeRLHF's
+        better_response_id for the reward, safer_response_id for safety)."""
+        cfg = context.cfg
+        name = ["reward", *context.names][objective]
+        column = cfg.data.preference_columns[name]  # validation checked every objective has one
+        examples = [e for e in self.train.examples if e.responses]
+        if not examples:
+            raise DataError(f"algorithm.name={cfg.algorithm.name} learns from the dataset's labelled pairs, but data.path="
+                            f"{cfg.data.path} has no responses (prompt-only)")
+        unlabelled = [i for i, e in enumerate(examples) if column not in e.labels]
+        if unlabelled:
+            raise DataError(f"data.preference_columns.{name}={column!r}: training row {unlabelled[0]} has no such "
+                            f"column (labels found: {', '.join(sorted(examples[unlabelled[0]].labels)) or 'none'})")
+        rollouts, labels = self.dataset_rollouts(), torch.tensor([e.labels[column] for e in examples])
+        policy_step = replace(cfg.policy_step, pairs="consecutive", labels="hard", pairs_from="dataset")
+        stage = replace(context, cfg=replace(cfg, policy_step=policy_step))
+        cache_key = {"task": self.cache_key(), "source": "dataset"}  # the same reference log-probs as pairs_from=dataset
+        ref_logps = reference_logps(cfg, self, context.reference, rollouts, cache_key)
+        scores = torch.zeros(1 + len(context.names), len(rollouts.response_ids))  # unread: the labels are given
+        pairs = preference_pairs(self.prompt_token_ids, rollouts, scores, context.reference, self.tokenizer.pad_token_id,
+                                 1, cfg.seed, ref_logps=ref_logps, labels=labels)
+        log.info("PeCAID: %s labels from column %r: response 1 preferred in %d of %d pairs", name, column,
+                 int(labels.sum()), len(labels))
+        key = {"labels": column, "label_digest": hashlib.sha256(bytes(labels.tolist())).hexdigest()[:16],
+               "task": self.cache_key(), "policy_step": repr(policy_step)}
+        return replace(stage, pairs=pairs), key
 
     def new_policy(self, context: RunContext) -> torch.nn.Module:
         """The loaded policy first (with LoRA, pi_ref is that network with adapters off), then fresh loads (the

@@ -74,7 +74,7 @@ def reference_logps(cfg, task, reference, rollouts: Rollouts, key: dict) -> torc
         input_ids, attention_mask, response_mask = tokenized(task.prompt_token_ids, rollouts, task.tokenizer.pad_token_id)
         with stage("reference log-probs"):
             values = sequence_logprobs(reference, input_ids, attention_mask, response_mask,
-                                       batch_size=2 * cfg.policy_step.batch_size, autocast_dtype=precision)
+                                       batch_size=task.logprob_batch_size, autocast_dtype=precision)
         torch.save(values, folder / "ref_logps.pt")
 
     def load(folder: Path) -> torch.Tensor:

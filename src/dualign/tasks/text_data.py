@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dualign.config.tasks import FORMATS, TextDataConfig
@@ -27,6 +27,7 @@ class Example:
     prompt: str  # as the dataset writes it (hh_rlhf: the transcript up to the last "Assistant:")
     messages: list[dict]  # the same conversation as chat messages, for chat templates
     responses: list[str]
+    labels: dict[str, int] = field(default_factory=dict)  # label column -> index of the response it prefers (0 or 1)
 
 
 def load_split(cfg: TextDataConfig, split: str) -> list[Example]:
@@ -36,7 +37,8 @@ def load_split(cfg: TextDataConfig, split: str) -> list[Example]:
     elif cfg.kind == "hh_rlhf":
         examples = _hh(rows, split, cfg.drop_mismatched_prompts)
     elif cfg.kind == "jsonl":
-        examples = _columns(rows, split, cfg.prompt_column, list(cfg.response_columns))
+        examples = _columns(rows, split, cfg.prompt_column, list(cfg.response_columns),
+                            sorted(set(cfg.preference_columns.values())))
     else:
         raise DataError(f"data.kind={cfg.kind!r} is not one of {', '.join(FORMATS)}")
     if cfg.drop_identical_responses:
@@ -138,11 +140,22 @@ def _pku(rows, split: str) -> list[Example]:
                 raise DataError(f"data split {split!r} row {index}: field {column!r} is missing")
         prompt = _text(row, index, split, "prompt", allow_empty=False)
         responses = [_text(row, index, split, c) for c in ("response_0", "response_1")]
-        examples.append(Example(prompt, [{"role": "user", "content": prompt}], responses))
+        labels = {c: _label(row, index, split, c) for c in ("better_response_id", "safer_response_id")}
+        examples.append(Example(prompt, [{"role": "user", "content": prompt}], responses, labels))
     return examples
 
 
-def _columns(rows, split: str, prompt_column: str, response_columns: list[str]) -> list[Example]:
+def _label(row: dict, index: int, split: str, column: str) -> int:
+    """A preference label: the index of the preferred one of the row's two responses."""
+    value = row.get(column)
+    if isinstance(value, bool) or value not in (0, 1):  # True == 1 in Python: a flag is not an index
+        raise DataError(f"data split {split!r} row {index}: field {column!r} must be 0 or 1 (the index of the preferred "
+                        f"response), not {value!r}")
+    return int(value)
+
+
+def _columns(rows, split: str, prompt_column: str, response_columns: list[str],
+             label_columns: list[str] = ()) -> list[Example]:
     _require_columns(rows, split, [prompt_column])
     if response_columns and not any(c in rows.column_names for c in response_columns):
         # prompt-only data: fine unless a step needs the dataset's responses (that step says so)
@@ -162,7 +175,9 @@ def _columns(rows, split: str, prompt_column: str, response_columns: list[str]) 
                                 f"even number (>= 2) of texts")
         else:
             responses = [_text(row, index, split, c) for c in response_columns]
-        examples.append(Example(prompt, [{"role": "user", "content": prompt}], responses))
+        # label columns the file lacks are not read here: the step that needs one says so (tasks/text.py)
+        labels = {c: _label(row, index, split, c) for c in label_columns if c in rows.column_names}
+        examples.append(Example(prompt, [{"role": "user", "content": prompt}], responses, labels))
     return examples
 
 

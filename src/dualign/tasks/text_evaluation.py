@@ -3,7 +3,6 @@ scorer; means with 95% confidence intervals, improvements over pi_ref, whether e
 against pi_ref by each score model, and a sample estimate of KL(pi || pi_ref)."""
 from __future__ import annotations
 
-import math
 from dataclasses import asdict
 
 import torch
@@ -12,16 +11,7 @@ from dualign.tasks.base import thresholds
 from dualign.tasks.text_cache import scored_rollouts
 from dualign.training.data import sequence_logprobs, tokenized
 from dualign.util import distributed, seeds
-
-Z95 = 1.959964
-
-
-def mean_ci(values: torch.Tensor) -> tuple[float, float]:
-    """Mean and 95% half-width of [P, K] values; prompts are the independent units (responses to one prompt are not)."""
-    per_prompt = values.double().mean(-1)
-    if per_prompt.numel() < 2:
-        return per_prompt.mean().item(), float("nan")
-    return per_prompt.mean().item(), Z95 * per_prompt.std().item() / math.sqrt(per_prompt.numel())
+from dualign.util.metrics import mean_ci
 
 
 class TextEvaluator:

@@ -1,7 +1,8 @@
-"""SACPO on the reward-safety plane: reads the runs of `sweeps/family.sh` and the study's threshold runs, and writes
-docs/family.md with its PNG.
+"""SACPO on the reward-safety plane and PeCAID against CAID: reads the runs of `sweeps/family.sh` and the study's
+threshold runs, and writes docs/family.md with its PNG; PeCAID from a text dataset's own labels: docs/pecaid_text.md.
 
     python -m dualign.tools.family_report outputs/family outputs/study/thresholds docs
+    python -m dualign.tools.family_report text outputs/family/pecaid_text docs     # docs/pecaid_text.md
 
 Every point is an exact evaluation (enumeration). The frontier is the exact optimum pi*(b) over a grid of b; the
 exact pi_lambda of each SACPO lambda (where SACPO's stages converge in the population limit) is marked beside it.
@@ -62,6 +63,39 @@ def pecaid_section(pecaid: list[dict], study: list[dict]) -> list[str]:
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", f"PeCAID is within 10% of b in {within} of {len(pecaid)} runs (mean |a - b| / b "
                   f"{100 * float(np.mean(both)):.1f}%).", ""]
+    return lines
+
+
+def pecaid_text_section(runs: list[dict]) -> list[str]:
+    """PeCAID from a text dataset's own labels (experiment=pku_safety_tiny): b in the implicit utility's units, the
+    policy's implicit improvement on the test split against it, and the scorers' view of the same policy."""
+    if not runs:
+        return []
+    lines = ["## PeCAID from PKU-SafeRLHF's own labels (offline stand-ins)", "",
+             "`experiment=pku_safety_tiny algorithm=pecaid`: the reward model is pre-aligned on `better_response_id`, "
+             "the safety model on `safer_response_id` (2 epochs over the 48 labelled pairs each); no scorer is read in "
+             "training. b is in the implicit utility's units; the edge is the largest implicit improvement pi_ref's "
+             "samples reach. The implicit improvement is measured on the 16 test prompts x 8 samples (policy against "
+             "pi_ref on the same prompts); the scorers' columns are the tiny cost and reward models' view of the same "
+             "policy. Correlation: implicit against the scorers' scores on pi_ref's training samples, each centred on "
+             "its prompt's mean.", "",
+             "| b | seed | edge | lambda_T | implicit improvement (95% CI) | met | scorers: safety improvement | "
+             "scorers: reward change | KL | correlation r, g |", "|---|---|---|---|---|---|---|---|---|---|"]
+    met = 0
+    for run in sorted(runs, key=lambda r: (r["threshold"][0], r["config"]["seed"])):
+        b, implicit = run["threshold"][0], run["details"]["implicit_evaluation"]
+        achieved, ci = implicit["improvement"][0], implicit["improvement_ci"][0]
+        met += achieved >= b
+        scores, correlation = run["final"]["scores"], run["details"]["implicit_correlation"]
+        lines.append(f"| {b:g} | {run['config']['seed']} | {run['details']['implicit_edge'][0]:.3f} | "
+                     f"{run['final_multipliers'][0]:.3f} | {achieved:.3f} ± {ci:.3f} | {'yes' if achieved >= b else 'no'} "
+                     f"| {scores['safety']['improvement']:.3f} ± {scores['safety']['improvement_ci']:.3f} | "
+                     f"{scores['reward']['improvement']:.3f} | {run['final']['kl']:.3f} | "
+                     f"{correlation['reward']:.3f}, {correlation['safety']:.3f} |")
+    errors = [abs(r["details"]["implicit_evaluation"]["improvement"][0] - r["threshold"][0]) / r["threshold"][0]
+              for r in runs]
+    lines += ["", f"The implicit constraint is met on the test split in {met} of {len(runs)} runs; mean |a - b| / b "
+                  f"{100 * float(np.mean(errors)):.1f}%.", ""]
     return lines
 
 
@@ -130,5 +164,16 @@ def main(family: Path, thresholds: Path, docs: Path) -> None:
     print("\n".join(lines))
 
 
+def text_main(runs: Path, docs: Path) -> None:
+    lines = ["# PeCAID on a text dataset's own labels", "", "Written by `ONLY=pecaid_text bash sweeps/family.sh` "
+             "(`python -m dualign.tools.family_report text outputs/family/pecaid_text docs`).", "",
+             *pecaid_text_section(load_runs(runs))]
+    (docs / "pecaid_text.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]))
+    if sys.argv[1] == "text":
+        text_main(Path(sys.argv[2]), Path(sys.argv[3]))
+    else:
+        main(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]))

@@ -35,8 +35,11 @@ class RunContext:
     one_shot: torch.Tensor  # the plug-in lambda* on pi_ref's rollouts
     pairs: object | None  # DPO pairs with their reference log-probabilities (policy_step=dpo)
     enumeration: Enumeration | None = None
-    rollouts: object | None = None  # pi_ref's rollouts the pairs were built from, and their scores [1 + m, n]:
-    scores: torch.Tensor | None = None  # a stepwise algorithm re-pairs them under another reference and reward
+    rollouts: object | None = None  # the rollouts the pairs were built from (pi_ref's, or the dataset's responses)
+    scores: torch.Tensor | None = None  # and their scores [1 + m, n]: a stepwise algorithm re-pairs them
+    reference_rollouts: object | None = None  # pi_ref's own rollouts on reference_prompts, whatever the pairs come
+    reference_scores: torch.Tensor | None = None  # from, and their scores: where E_ref[g] and the one-shot come from
+    dual_prompts: tuple[int, ...] | None = None  # the prompts the on-policy dual step draws from (None: all of them)
 
     @property
     def names(self) -> list[str]:

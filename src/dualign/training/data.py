@@ -119,9 +119,12 @@ def preference_pairs(
     ref_logps: torch.Tensor | None = None,
     batch_size: int = 1024,
     autocast_dtype: torch.dtype | None = None,
+    labels: torch.Tensor | None = None,
 ) -> TensorBatches:
     """Pairs (y0, y1) = consecutive rollouts of the same prompt, with their scores ([1 + m, n]: reward first) and
-    reference log-probabilities computed once here (or given, from a cache) and reused by every iteration and epoch."""
+    reference log-probabilities computed once here (or given, from a cache) and reused by every iteration and epoch.
+    labels [pairs]: given preferences (1: y1 preferred, a dataset's own labels), which the DPO step then learns
+    instead of labels from the scores."""
     n = len(rollouts.response_ids)
     first, second = torch.arange(0, n, 2), torch.arange(1, n, 2)
     if not torch.equal(rollouts.prompt_index[first], rollouts.prompt_index[second]):
@@ -135,8 +138,10 @@ def preference_pairs(
     # one column of uniforms per iteration, each from its own seed, so a column does not depend on the run's length
     uniforms = [torch.rand(len(first), generator=torch.Generator().manual_seed(seeds.seed("pair_labels", seed, t)))
                 for t in range(num_iterations)]
+    given = {} if labels is None else {"label": torch.as_tensor(labels, dtype=torch.float32).view(len(first))}
     return TensorBatches(
         {
+            **given,
             "input_ids": pair(input_ids),
             "attention_mask": pair(attention_mask),
             "response_mask": pair(response_mask),

@@ -89,8 +89,9 @@ def rollout_estimator(context: RunContext):
     cfg = context.cfg
 
     def estimate(policy, iteration):
+        pool = context.dual_prompts or range(len(context.task.prompts))
         generator = torch.Generator().manual_seed(seeds.seed("dual_prompts", cfg.seed, iteration))
-        chosen = torch.randperm(len(context.task.prompts), generator=generator)[: cfg.algorithm.dual_prompts].tolist()
+        chosen = [pool[i] for i in torch.randperm(len(pool), generator=generator)[: cfg.algorithm.dual_prompts].tolist()]
         mine = distributed.shard(chosen)
         m = len(context.names)
         if not mine:

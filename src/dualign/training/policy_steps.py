@@ -25,7 +25,8 @@ class DPOStep:
 
     Batches carry input_ids, attention_mask and response_mask [B, 2, T], ref_logps [B, 2], reward [B, 2],
     utility [B, m, 2] and label_uniform [B, T_iterations] (hard labels: y1 wins when u < p, with a fresh u per
-    iteration, so labels are re-drawn for every lambda yet a resumed run draws the same ones).
+    iteration, so labels are re-drawn for every lambda yet a resumed run draws the same ones). Batches with a `label`
+    [B] column (a dataset's own preferences: PeCAID's pre-alignment) learn those instead, whatever the scores.
     """
 
     def __init__(self, beta: float, labels: str = "soft", allowed_token_ids: torch.Tensor | None = None):
@@ -41,7 +42,9 @@ class DPOStep:
         logps = logps.view(pairs, 2)
         log_ratio = logps - batch["ref_logps"]
         preference = preference_probability(batch["reward"], batch["utility"], multipliers)
-        if self.labels == "hard":
+        if "label" in batch:
+            preference = batch["label"].to(preference.dtype)
+        elif self.labels == "hard":
             preference = (batch["label_uniform"][:, iteration] < preference).to(preference.dtype)
         loss = dpo_loss(log_ratio[:, 1] - log_ratio[:, 0], preference, self.beta).mean()
         return loss, dpo_metrics(log_ratio.detach(), logps.detach(), preference, self.beta)

@@ -1,8 +1,21 @@
-"""Nested results as flat MLflow metrics: `final/objective`, `final/improvement_safety`, `final/scores/reward/policy`."""
+"""Means with confidence intervals over prompts, and nested results as flat MLflow metrics: `final/objective`,
+`final/improvement_safety`, `final/scores/reward/policy`."""
 from __future__ import annotations
 
 import math
 from numbers import Number
+
+import torch
+
+Z95 = 1.959964
+
+
+def mean_ci(values: torch.Tensor) -> tuple[float, float]:
+    """Mean and 95% half-width of [P, K] values; prompts are the independent units (responses to one prompt are not)."""
+    per_prompt = values.double().mean(-1)
+    if per_prompt.numel() < 2:
+        return per_prompt.mean().item(), float("nan")
+    return per_prompt.mean().item(), Z95 * per_prompt.std().item() / math.sqrt(per_prompt.numel())
 
 
 def flatten_metrics(tree: dict, prefix: str, names: list[str]) -> dict[str, float]:
