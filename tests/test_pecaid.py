@@ -50,6 +50,9 @@ def test_pecaid_run_pre_aligns_once_per_objective_and_caches_the_models(make_cfg
     correlation = summary["details"]["implicit_correlation"]
     assert set(correlation) == {"reward", "safety"} and all(c > 0.3 for c in correlation.values())
     assert len(summary["trajectory"]) == 2 and summary["algorithm"] == "pecaid"
+    implicit = summary["details"]["implicit_evaluation"]  # by enumeration here: exact, no interval
+    assert implicit["samples_per_prompt"] == "all" and implicit["improvement_ci"] == [None]
+    assert abs(implicit["improvement"][0]) < 10
     cached = sorted((cache_dir / "pre_aligned").iterdir())
     assert len(cached) == 2
     stamps = [p.stat().st_mtime_ns for p in cached]

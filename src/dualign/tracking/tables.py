@@ -85,9 +85,10 @@ def gaps(summary: RunSummary) -> list[str]:
     implicit = summary.details.get("implicit_evaluation")  # PeCAID: b is in its implicit utilities' units
     for i, name in enumerate(summary.constraints if implicit else []):
         achieved, ci = implicit["improvement"][i], implicit["improvement_ci"][i]
+        spread = "exact" if ci is None else f"+- {ci:.2f}"
         lines.append(f"implicit improvement of {name} (PeCAID's own measure, b in its units; "
                      f"{implicit['prompts']} evaluation prompts x {implicit['samples_per_prompt']}): {achieved:.4f} "
-                     f"+- {ci:.2f} vs b = {b[i]:g}: {'met' if achieved >= b[i] else 'NOT met'}")
+                     f"{spread} vs b = {b[i]:g}: {'met' if achieved >= b[i] else 'NOT met'}")
     if optimum:
         line = f"P* - J: {summary.gaps['objective']:.4f}"
         if "gap_from_kl" in summary.final:  # the exact split: distance to pi*, and what missing b bought

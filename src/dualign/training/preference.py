@@ -81,8 +81,17 @@ class ImplicitScores:
 def implicit_evaluation(context: RunContext, implicit: ImplicitScores, policy: torch.nn.Module) -> dict:
     """What PeCAID constrains, measured on the task's evaluation prompts (a text task's test split): each utility's
     implicit improvement, the policy's samples against pi_ref's on the same prompts (the evaluator's seeds), with 95%
-    CIs over prompts. Per-prompt constants cancel in that difference, so prompts need no offsets."""
+    CIs over prompts; exact (no CI) where the task enumerates its responses. Per-prompt constants cancel in that
+    difference, so prompts need no offsets."""
     cfg = context.cfg
+    if context.enumeration is not None:  # sum over every response of (pi - pi_ref) g_hat, per prompt
+        with torch.no_grad():
+            reference, current, *models = (context.enumeration.logprobs(model).double()
+                                           for model in (context.reference, policy, *implicit.models[1:]))
+        improvement = [((current.exp() - reference.exp()) * implicit.beta * (model - reference)).sum(-1).mean().item()
+                       for model in models]
+        return {"prompts": reference.shape[0], "samples_per_prompt": "all", "threshold": context.threshold.tolist(),
+                "improvement": improvement, "improvement_ci": [None] * len(improvement)}
     prompt_set = context.task.evaluation_prompts
     prompts, samples = len(prompt_set.prompts), cfg.evaluation.samples_per_prompt
     means = []
@@ -166,10 +175,10 @@ def train_pecaid(context: RunContext, algorithm: AlgorithmSpec, multipliers: tor
     try:
         one_shot = one_shot_multipliers(cfg, reward, utility, reference_mean, context.threshold)
     except ConfigError:
-        raise ConfigError(f"constraints ({', '.join(f'{n}.threshold' for n in context.names)}): "
-                          f"{context.threshold.tolist()} is beyond the largest improvement {[round(e, 4) for e in edge]}"
-                          f" of the implicit utilities on pi_ref's samples; PeCAID measures b in their units (beta log "
-                          f"pi_k/pi_ref), so pick b below that") from None
+        thresholds, reachable = [round(v, 4) for v in context.threshold.tolist()], [round(e, 4) for e in edge]
+        raise ConfigError(f"constraints ({', '.join(f'{n}.threshold' for n in context.names)}): {thresholds} is "
+                          f"beyond the largest improvement {reachable} of the implicit utilities on pi_ref's samples; "
+                          "PeCAID measures b in their units (beta log pi_k/pi_ref), so pick b below that") from None
     warning = edge_warning(context.names, context.threshold, utility)
     if warning:
         log.warning("PeCAID, implicit utilities: %s", warning)
