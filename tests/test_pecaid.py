@@ -83,6 +83,8 @@ def test_text_pecaid_learns_each_objective_from_the_datasets_own_labels(tmp_path
     implicit = summary["details"]["implicit_evaluation"]
     assert implicit["prompts"] == 16 and implicit["improvement_ci"][0] > 0 and implicit["threshold"] == [pytest.approx(0.12)]
     assert set(summary["details"]["implicit_correlation"]) == {"reward", "safety"}
+    # b is in implicit units: the one-shot lambda reported is PeCAID's own, on the implicit scores
+    assert summary["one_shot_multipliers"] == summary["details"]["implicit_one_shot_multipliers"]
     assert len(summary["trajectory"]) == 2 and summary["final"]["scores"]["safety"]["improvement_ci"] > 0
 
     context = tasks.build(validate(cfg)).prepare()

@@ -86,7 +86,8 @@ def _run(cfg: TrainConfig, raw_cfg: DictConfig, output_dir: Path, ckpt_path: str
         summary = RunSummary(
             algorithm=cfg.algorithm.name, policy_step=cfg.policy_step.name, beta=cfg.beta, task=task.description,
             evaluation=evaluator.name, constraints=context.names, threshold=evaluator.threshold,
-            reference_mean_estimate=context.reference_mean.tolist(), one_shot_multipliers=context.one_shot.tolist(),
+            reference_mean_estimate=context.reference_mean.tolist(),
+            one_shot_multipliers=(context.one_shot if trained.one_shot is None else trained.one_shot).tolist(),
             trajectory=trained.dual.history, final=final, reference=evaluator.reference, optimum=evaluator.optimum,
             one_shot=one_shot, timings_s=timings, details=details)
         outputs.write(summary, output_dir, raw_cfg, logger, files)

@@ -14,6 +14,7 @@ from typing import Protocol
 
 import torch
 
+from dualign.config import spec
 from dualign.core.advice import edge_warning
 from dualign.training.context import Enumeration, RunContext, one_shot_multipliers
 
@@ -115,6 +116,8 @@ def reference_statistics(cfg, stage: ReferenceStage):
     reward, utility = stage.reward, stage.utility
     reference_mean = utility.mean(dim=(1, 2))
     threshold = thresholds(cfg, reference_mean)
+    if spec(cfg.algorithm.name).preference_labels:  # b is in the implicit utilities' units, not the scorers': the
+        return reference_mean, threshold, torch.zeros(len(threshold))  # algorithm checks it and solves lambda_0 there
     warning = edge_warning(list(cfg.constraints), threshold, utility)
     if warning:
         log.warning(warning)

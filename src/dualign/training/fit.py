@@ -28,6 +28,7 @@ class Trained:
     dual: DualUpdate  # its history is the lambda trajectory
     module: AlignmentModule
     details: dict = field(default_factory=dict)  # what the summary should say besides (e.g. PeCAID's implicit rewards)
+    one_shot: torch.Tensor | None = None  # the one-shot lambda where it is not the context's (PeCAID: implicit scores)
 
 
 class PairData(L.LightningDataModule):

@@ -194,10 +194,10 @@ def train_pecaid(context: RunContext, algorithm: AlgorithmSpec, multipliers: tor
     implicit_context = dataclasses.replace(implicit_context,
                                            pairs=task.pairs(implicit_context, context.rollouts, pair_scores))
     start = initial_multipliers(implicit_context, algorithm)
-    log.info("PeCAID: lambda_0 = %s (one-shot on the implicit scores; on the scorers' scores %s)",
-             [round(v, 4) for v in start.tolist()], [round(v, 4) for v in context.one_shot.tolist()])
+    log.info("PeCAID: lambda_0 = %s (one-shot on the implicit scores: %s)", [round(v, 4) for v in start.tolist()],
+             [round(v, 4) for v in one_shot.tolist()])
     trained = train_policy(implicit_context, algorithm, start, iterations, epochs, output_dir, logger, ckpt_path,
                            checkpoint, evaluator)
-    return dataclasses.replace(trained, details={
+    return dataclasses.replace(trained, one_shot=one_shot, details={
         "implicit_correlation": correlation, "implicit_one_shot_multipliers": one_shot.tolist(), "implicit_edge": edge,
         "implicit_evaluation": implicit_evaluation(implicit_context, implicit, trained.policy)})
