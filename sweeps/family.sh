@@ -29,7 +29,7 @@ if [ "${1:-all}" != report ]; then
   # PeCAID at 3 of the study's thresholds x 3 seeds: CAID on the same instance is the study's run at the same b, seed
   want pecaid && sweep pecaid algorithm=pecaid algorithm.compare_one_shot=false \
     constraints.safety.threshold=0.35,0.85,1.35 seed=0,1,2
-  # PeCAID from PKU-SafeRLHF's own labels on the offline stand-ins, b in implicit units (about 3 minutes)
+  # PeCAID from PKU-SafeRLHF's own labels on the offline stand-ins, b in implicit units (about 2 minutes)
   want pecaid_text && sweep pecaid_text experiment=pku_safety_tiny algorithm=pecaid \
     constraints.safety.threshold=0.06,0.09,0.12 seed=0,1,2
 fi

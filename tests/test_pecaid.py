@@ -93,7 +93,11 @@ def test_text_pecaid_learns_each_objective_from_the_datasets_own_labels(tmp_path
     for objective, column in enumerate(("better_response_id", "safer_response_id")):
         stage, _ = task.preference_stage(context, objective)
         assert torch.equal(stage.pairs.tensors["label"], torch.tensor([float(e.labels[column]) for e in examples]))
+        state = torch.random.get_rng_state()
         model = pre_align(context, objective, ["reward", "safety"][objective], tmp_path / "again")  # from the cache
+        # on its own random stream: a cached model leaves the run where a trained one would (results do not depend
+        # on what the cache held)
+        assert torch.equal(torch.random.get_rng_state(), state)
         models.append(model)
     text_entries = [folder for folder in (cache_dir / "pre_aligned").iterdir()
                     if "pku_saferlhf" in (folder / "key.json").read_text()]

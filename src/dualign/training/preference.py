@@ -140,8 +140,12 @@ def pre_align(context: RunContext, objective: int, name: str, output_dir: Path) 
     key = {"task": task.description, "data": repr(cfg.data), "model": repr(cfg.model), "reference": repr(cfg.reference),
            "generation": repr(cfg.generation), "labels": labels, "objective": objective,
            "optimizer": repr(cfg.optimizer), "beta": cfg.beta, "seed": cfg.seed, "epochs": epochs,
-           "precision": cfg.trainer.precision}
-    return cached_folder(cfg.paths.cache_dir, "pre_aligned", key, build, load)
+           "precision": cfg.trainer.precision, "random_stream": "pre_alignment"}
+    # its own random stream (LoRA's initialisation and dropout): the model is the same whatever ran before, and a run
+    # that finds it cached goes on with the same global random state as the run that trained it
+    with torch.random.fork_rng():
+        torch.manual_seed(seeds.seed("pre_alignment", cfg.seed, objective))
+        return cached_folder(cfg.paths.cache_dir, "pre_aligned", key, build, load)
 
 
 def train_pecaid(context: RunContext, algorithm: AlgorithmSpec, multipliers: torch.Tensor, iterations: int,

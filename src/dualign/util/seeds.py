@@ -19,6 +19,7 @@ STREAMS = {  # name: (base, stride per unit of the run's seed)
     "policy_gradient": (80_000, 1_000_003),  # the policy-gradient step's samples, per optimiser step
     "policy_pairs": (90_000, 1_000),  # pairs_from=policy: the current policy's rollouts, per iteration
     "preference_labels": (120_000, 1_000),  # pecaid: the run seed of each objective's pre-alignment (its labels)
+    "pre_alignment": (130_000, 1_000),  # pecaid: the global stream while an objective's model trains (LoRA init, dropout)
     "evaluation": (500_000, 1_000),  # text tasks' test-split rollouts (pi_ref: step 0, policies: step 1)
     "epoch_order": (0, 100_003),  # the order of the training batches, per epoch
 }
