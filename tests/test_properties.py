@@ -103,7 +103,7 @@ def _set(tree: dict, key: str, value) -> dict:
     return tree
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_malformed_config_values_give_one_line_errors_naming_the_key(base_config, data):
     key = data.draw(st.sampled_from(sorted(BAD_VALUES)))
