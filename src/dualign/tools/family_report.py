@@ -79,9 +79,9 @@ def pecaid_text_section(runs: list[dict]) -> list[str]:
         return []
     lines = ["## PeCAID from PKU-SafeRLHF's own labels (offline stand-ins)", "",
              "`experiment=pku_safety_tiny algorithm=pecaid`: the reward model is pre-aligned on `better_response_id`, "
-             "the safety model on `safer_response_id` (2 epochs over the 48 labelled pairs each); no scorer is read in "
-             "training. b is in the implicit utility's units; the edge is the largest implicit improvement pi_ref's "
-             "samples reach. The implicit improvement is measured on the 16 test prompts x 8 samples (policy against "
+             "the safety model on `safer_response_id` (2 epochs over the 48 labelled pairs each); no scorer's score "
+             "enters training. b is in the implicit utility's units; the edge is the largest implicit improvement "
+             "pi_ref's samples reach. The implicit improvement is measured on the 16 test prompts x 8 samples (policy against "
              "pi_ref on the same prompts); the scorers' columns are the tiny cost and reward models' view of the same "
              "policy. Correlation: implicit against the scorers' scores on pi_ref's training samples, each centred on "
              "its prompt's mean.", "",
@@ -94,8 +94,8 @@ def pecaid_text_section(runs: list[dict]) -> list[str]:
         met += achieved >= b
         scores, correlation = run["final"]["scores"], run["details"]["implicit_correlation"]
         lines.append(f"| {b:g} | {run['config']['seed']} | {run['details']['implicit_edge'][0]:.3f} | "
-                     f"{run['final_multipliers'][0]:.3f} | {achieved:.3f} ± {ci:.3f} | {'yes' if achieved >= b else 'no'} "
-                     f"| {scores['safety']['improvement']:.3f} ± {scores['safety']['improvement_ci']:.3f} | "
+                     f"{run['final_multipliers'][0]:.3f} | {achieved:.3f} ± {ci:.3f} | "
+                     f"{'yes' if achieved >= b else 'no'} | {scores['safety']['improvement']:.3f} ± {scores['safety']['improvement_ci']:.3f} | "
                      f"{scores['reward']['improvement']:.3f} | {run['final']['kl']:.3f} | "
                      f"{correlation['reward']:.3f}, {correlation['safety']:.3f} |")
     errors = [abs(r["details"]["implicit_evaluation"]["improvement"][0] - r["threshold"][0]) / r["threshold"][0]
