@@ -58,15 +58,21 @@ def _forward_parameters(model) -> set[str]:
 
 
 @torch.no_grad()
+def left_padded(prompt_ids: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) [B, longest prompt]: prompts padded on the left, so that generation appends."""
+    width = max(len(ids) for ids in prompt_ids)
+    input_ids = torch.tensor([[pad_token_id] * (width - len(ids)) + ids for ids in prompt_ids], device=device)
+    mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompt_ids], device=device)
+    return input_ids, mask
+
+
 def decode(model, prompt_ids: list[list[int]], num_samples: int, max_new_tokens: int, *, pad_token_id: int,
            eos_token_id: int, temperature: float = 1.0, top_p: float = 1.0, min_new_tokens: int = 0,
            allowed_token_ids: torch.Tensor | None = None) -> list[list[int]]:
     """num_samples responses to each prompt, prompt-major: [prompt 0's K responses, prompt 1's, ...], each
     max_new_tokens long: the generated tokens, then EOS repeated after the first EOS where a response stopped."""
     device = next(model.parameters()).device
-    width = max(len(ids) for ids in prompt_ids)
-    input_ids = torch.tensor([[pad_token_id] * (width - len(ids)) + ids for ids in prompt_ids], device=device)
-    mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompt_ids], device=device)
+    input_ids, mask = left_padded(prompt_ids, pad_token_id, device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: each prompt starts at position 0
     cache = DynamicCache()
     parameters = _forward_parameters(model)

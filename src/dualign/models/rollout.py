@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from dualign.models.decode import decode
+from dualign.models.decode import decode, left_padded
 from dualign.util.progress import bar
 
 
@@ -98,9 +98,8 @@ def _generate(model, chunk, num_samples, max_new_tokens, pad_id, eos_id, tempera
               processors, cache) -> list[list[int]]:
     """One `generate` call for prompts `chunk`: their generated tokens, K rows a prompt (padding after EOS)."""
     device = next(model.parameters()).device
-    width = max(len(ids) for ids in chunk)
-    input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in chunk], device=device)  # left padding
-    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk], device=device)
+    input_ids, attention_mask = left_padded(chunk, pad_id, device)
+    width = input_ids.shape[1]
     output = model.generate(
         input_ids=input_ids,
         attention_mask=attention_mask,

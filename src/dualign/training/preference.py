@@ -104,15 +104,19 @@ def implicit_evaluation(context: RunContext, implicit: ImplicitScores, policy: t
             "improvement": [mean for mean, _ in estimates], "improvement_ci": [ci for _, ci in estimates]}
 
 
+def _trainable(model: torch.nn.Module) -> set[str]:
+    return {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+
+
 def trainable_state(model: torch.nn.Module) -> dict:
     """The parameters training changes (LoRA adapters; every weight of a fully trained model)."""
-    names = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    names = _trainable(model)
     return {name: value for name, value in model.state_dict().items() if name in names}
 
 
 def load_trainable_state(model: torch.nn.Module, state: dict) -> None:
     """Put a `trainable_state` into a fresh policy; anything else the fresh one lacks or has beyond it is an error."""
-    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    trainable = _trainable(model)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or trainable - set(state):
         raise ValueError(f"saved weights do not fit the policy (unexpected {unexpected[:3]}, missing "
