@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from dualign.models.decode import decode, left_padded
+from dualign.models.decode import decode, left_padded, steps_for
 from dualign.util.progress import bar
 
 
@@ -63,6 +63,7 @@ def sample_responses(
     prompts_per_batch = max(1, batch_size // num_samples)
     by_length = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))  # stable: equal lengths keep order
     outputs: dict[int, list[list[int]]] = {}
+    steps = steps_for(model, min(batch_size, len(prompt_ids) * num_samples)) if backend == "fast" else None
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
             bar(len(prompt_ids) * num_samples, "rollouts", "seq") as progress:
         torch.manual_seed(seed)
@@ -72,7 +73,7 @@ def sample_responses(
             if backend == "fast":
                 rows = decode(model, chunk, num_samples, max_new_tokens, pad_token_id=pad_id,
                               eos_token_id=tokenizer.eos_token_id, temperature=temperature, top_p=top_p,
-                              min_new_tokens=min_new_tokens, allowed_token_ids=allowed_token_ids)
+                              min_new_tokens=min_new_tokens, allowed_token_ids=allowed_token_ids, steps=steps)
             else:
                 rows = _generate(model, chunk, num_samples, max_new_tokens, pad_id, tokenizer.eos_token_id, temperature,
                                  top_p, min_new_tokens, processors, cache)
