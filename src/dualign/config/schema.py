@@ -64,7 +64,7 @@ class KVCache(StrEnum):
 
 class Backend(StrEnum):
     hf = "hf"  # transformers generate
-    fast = "fast"  # dualign's decode loop (models/decode.py): one prefill per prompt, ended rows leave the batch
+    fast = "fast"  # dualign's decode loop (models/decode.py; Llama-family steps in models/llama_steps.py): small models
     vllm = "vllm"  # text tasks on GPU (pip install vllm)
 
 
