@@ -9,11 +9,12 @@ matrix products and a few element-wise ops a layer:
   effective weight is what it gives for the identity); an adapter-disabled view gives the base weights;
 - the KV cache is preallocated for prompt + new tokens and written in place;
 - grouped-query attention is two batched matrix products per key/value head, without repeating the keys;
-- the rotary embedding's cos and sin come from a table computed once by the model's own rotary module.
+- the rotary embedding's cos and sin come from a table computed once by the model's own rotary module;
+- RMSNorm is torch's fused `rms_norm` with the model's weight and epsilon, in float32 and cast back as transformers'.
 
-The norms and the activation are the model's own modules. Anything else (another architecture, a sliding window
-shorter than the sequence, a position-dependent RoPE) is not supported: `LlamaSteps.supports` says so, and the
-decode loop then runs the model's own forward.
+The activation is the model's own module. Anything else (another architecture, a sliding window, a
+position-dependent RoPE, q/k norms) is not supported: `LlamaSteps.supports` says so, and the decode loop then runs
+the model's own forward.
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # inv_freq does not depen
 
 
 def _unwrap(model):
-    """(the transformers model, whether adapters are on): peft's wrappers and dualign's adapter-disabled view."""
+    """(the peft wrapper or the model, the transformers model, whether adapters are on), through dualign's
+    adapter-disabled view of pi_ref (models/hf.AdapterDisabled)."""
     adapters_on = True
     if hasattr(model, "peft_model"):  # models/hf.AdapterDisabled: pi_ref as the policy with adapters off
         model, adapters_on = model.peft_model, False
@@ -36,7 +38,8 @@ def _unwrap(model):
 
 
 class LlamaSteps:
-    """Weights gathered from `model` (adapters folded in), and a KV cache of `length` positions per row."""
+    """Weights gathered from `model` (adapters folded in) once, then any number of prefills, each with its own KV
+    cache for the prompts and the new tokens, and decode steps."""
 
     @staticmethod
     def supports(model) -> bool:
@@ -54,7 +57,8 @@ class LlamaSteps:
         layer = inner.layers[0]
         return all(hasattr(layer.self_attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")) and \
             all(hasattr(layer.mlp, p) for p in ("gate_proj", "up_proj", "down_proj", "act_fn")) and \
-            not hasattr(layer.self_attn, "q_norm")
+            not hasattr(layer.self_attn, "q_norm") and \
+            all(hasattr(norm, "variance_epsilon") for norm in (layer.input_layernorm, layer.post_attention_layernorm))
 
     @torch.no_grad()
     def __init__(self, model, rows_hint: int = 64):
@@ -86,31 +90,18 @@ class LlamaSteps:
 
     def _gather(self, layer) -> dict:
         attention, mlp = layer.self_attn, layer.mlp
-        hidden = attention.q_proj.in_features if hasattr(attention.q_proj, "in_features") else None
-        hidden = hidden or layer.input_layernorm.weight.shape[0]
-        parts = [self._effective(attention.q_proj, hidden), self._effective(attention.k_proj, hidden),
-                 self._effective(attention.v_proj, hidden)]
-        scaling = getattr(attention, "scaling", self.head_dim**-0.5)
-        parts[0] = (parts[0][0] * scaling, None if parts[0][1] is None else parts[0][1] * scaling)
-        qkv = torch.cat([w for w, _ in parts], dim=1)
-        qkv_bias = None
-        if any(b is not None for _, b in parts):
-            qkv_bias = torch.cat([b if b is not None else torch.zeros(w.shape[1], dtype=w.dtype, device=w.device)
-                                  for w, b in parts])
-        gate, gate_bias = self._effective(mlp.gate_proj, hidden)
-        up, up_bias = self._effective(mlp.up_proj, hidden)
-        gate_up_bias = None
-        if gate_bias is not None or up_bias is not None:
-            gate_up_bias = torch.cat([b if b is not None else torch.zeros(gate.shape[1], dtype=gate.dtype,
-                                                                          device=gate.device) for b in (gate_bias, up_bias)])
-        o, o_bias = self._effective(attention.o_proj, self.heads * self.head_dim)
-        down, down_bias = self._effective(mlp.down_proj, gate.shape[1])
+        hidden = layer.input_layernorm.weight.shape[0]
+        q, k, v = (self._effective(m, hidden) for m in (attention.q_proj, attention.k_proj, attention.v_proj))
+        scaling = getattr(attention, "scaling", self.head_dim**-0.5)  # folded into the queries
+        q = (q[0] * scaling, None if q[1] is None else q[1] * scaling)
+        gate, up = self._effective(mlp.gate_proj, hidden), self._effective(mlp.up_proj, hidden)
+        o = self._effective(attention.o_proj, self.heads * self.head_dim)
+        down = self._effective(mlp.down_proj, gate[0].shape[1])
         rows = self.rows_hint
         return {
-            "input_norm": layer.input_layernorm, "post_norm": layer.post_attention_layernorm,
-            "qkv": Linear(qkv, qkv_bias, rows), "o": Linear(o, o_bias, rows),
-            "gate_up": Linear(torch.cat([gate, up], dim=1), gate_up_bias, rows),
-            "down": Linear(down, down_bias, rows), "act": mlp.act_fn,
+            "input_norm": layer.input_layernorm, "post_norm": layer.post_attention_layernorm, "act": mlp.act_fn,
+            "qkv": _fused([q, k, v], rows), "o": Linear(*o, rows),
+            "gate_up": _fused([gate, up], rows), "down": Linear(*down, rows),
         }
 
     # --- the steps -------------------------------------------------------------------------------------------------
@@ -203,6 +194,15 @@ class LlamaSteps:
         return x.add_(layer["down"](layer["act"](gate).mul_(up)))
 
 
+def _fused(parts: list[tuple[torch.Tensor, torch.Tensor | None]], rows_hint: int) -> "Linear":
+    """One product for several (weight [in, out], bias) of the same input: outputs side by side."""
+    weight = torch.cat([w for w, _ in parts], dim=1)
+    if all(b is None for _, b in parts):
+        return Linear(weight, None, rows_hint)
+    bias = torch.cat([b if b is not None else weight.new_zeros(w.shape[1]) for w, b in parts])
+    return Linear(weight, bias, rows_hint)
+
+
 def _rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
     """transformers' Llama RMSNorm (in float32, cast back, then the weight) in three ops instead of seven."""
     normed = torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), eps=norm.variance_epsilon)
@@ -229,6 +229,7 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:
-            flat = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.weight, self.bias, "none", [], "")
+            flat = x.reshape(-1, x.shape[-1])
+            flat = torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")
             return flat.view(*x.shape[:-1], self.out_features)
         return torch.nn.functional.linear(x, self.weight, self.bias)
