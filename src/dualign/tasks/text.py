@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from dualign.config import spec
 from dualign.errors import ConfigError, DataError
 from dualign.models.hf import (
     PromptFormatter,
@@ -113,9 +114,11 @@ class TextTask:
         reference, scorers, sampler, prompts, rollouts = (stage.reference, stage.scorers, stage.sampler, stage.prompts,
                                                           stage.rollouts)
         reference_mean, threshold, one_shot = reference_statistics(cfg, stage)
+        one_shot_text = str([round(v, 4) for v in one_shot.tolist()])
+        if spec(cfg.algorithm.name).preference_labels:  # PeCAID's b is not in the scorers' units
+            one_shot_text = "solved on the implicit scores after pre-alignment"
         log.info("pi_ref: E_ref[g] = %s from %d prompts x %d responses; one-shot lambda = %s",
-                 [round(v, 4) for v in reference_mean.tolist()], len(prompts), stage.samples,
-                 [round(v, 4) for v in one_shot.tolist()])
+                 [round(v, 4) for v in reference_mean.tolist()], len(prompts), stage.samples, one_shot_text)
         context = RunContext(cfg, self, reference, scorers, sampler, prompts, reference_mean, threshold, one_shot,
                              pairs=None, rollouts=rollouts, scores=stage.scores, reference_rollouts=rollouts,
                              reference_scores=stage.scores)
