@@ -22,7 +22,7 @@ import inspect
 import torch
 from transformers import DynamicCache
 
-from dualign.models.llama_steps import LlamaSteps
+from dualign.models.llama_steps import LlamaSteps, unwrap
 
 BLOCK = 256  # tokens a block of the two-level inverse CDF
 
@@ -82,8 +82,7 @@ class ModelSteps:
 
     def __init__(self, model):
         self.model = model
-        target = getattr(model, "peft_model", model)  # pi_ref as an adapter-disabled view
-        base = target.get_base_model() if hasattr(target, "get_base_model") else target
+        _, base, _ = unwrap(model)  # through peft and pi_ref's adapter-disabled view
         parameters = set(inspect.signature(base.forward).parameters)
         self.cache_key = "cache" if "cache" in parameters else "past_key_values"  # renamed in later transformers 5
         self.last_only = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}

@@ -26,7 +26,7 @@ SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # inv_freq does not depend on the sequence length
 
 
-def _unwrap(model):
+def unwrap(model):
     """(the peft wrapper or the model, the transformers model, whether adapters are on), through dualign's
     adapter-disabled view of pi_ref (models/hf.AdapterDisabled)."""
     adapters_on = True
@@ -43,7 +43,7 @@ class LlamaSteps:
 
     @staticmethod
     def supports(model) -> bool:
-        _, base, _ = _unwrap(model)
+        _, base, _ = unwrap(model)
         config = getattr(base, "config", None)
         inner = getattr(base, "model", None)
         if config is None or getattr(config, "model_type", None) not in SUPPORTED_TYPES or inner is None:
@@ -62,7 +62,7 @@ class LlamaSteps:
 
     @torch.no_grad()
     def __init__(self, model, rows_hint: int = 64):
-        wrapper, base, adapters_on = _unwrap(model)
+        wrapper, base, adapters_on = unwrap(model)
         inner, config = base.model, base.config
         self.embed, self.norm = inner.embed_tokens, inner.norm
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
