@@ -135,6 +135,35 @@ def test_grouped_losses_over_distinct_responses_with_counts_equal_the_losses_ove
         assert torch.isfinite(merged_input.grad).all()
 
 
+def test_group_metrics_equal_trl_metrics_over_every_sample_pair():
+    """rewards/* over a group's distinct responses with counts equal dpo_metrics over every pair of its samples, the
+    one with the higher r_lambda chosen (ties: the earlier sample)."""
+    import itertools
+
+    from dualign.core.dpo import group_metrics
+
+    torch.manual_seed(2)
+    count = torch.tensor([[3.0, 1.0, 2.0, 0.0, 2.0], [1.0, 4.0, 1.0, 1.0, 1.0]])
+    log_ratio, beta = torch.randn(2, 5), 0.6
+    composite = torch.tensor([[1.0, 0.0, 1.0, 5.0, -1.0], [0.5, 0.5, 2.0, -1.0, 0.5]])  # ties inside each group
+    log_ratio[1, 4] = log_ratio[1, 0]  # equal rewards: not an accurate pair
+    chosen, rejected = [], []
+    for g in range(2):
+        samples = [i for i in range(5) for _ in range(int(count[g, i]))]
+        for i, j in itertools.combinations(samples, 2):
+            if i == j:
+                continue  # two copies of one response: not a pair of distinct responses
+            first, second = (i, j) if composite[g, i] >= composite[g, j] else (j, i)
+            chosen.append(beta * log_ratio[g, first])
+            rejected.append(beta * log_ratio[g, second])
+    chosen, rejected = torch.stack(chosen), torch.stack(rejected)
+    metrics = group_metrics(log_ratio, composite, beta, count)
+    assert torch.isclose(metrics["rewards/chosen"], chosen.mean(), atol=1e-6)
+    assert torch.isclose(metrics["rewards/rejected"], rejected.mean(), atol=1e-6)
+    assert torch.isclose(metrics["rewards/margins"], (chosen - rejected).mean(), atol=1e-6)
+    assert torch.isclose(metrics["rewards/accuracies"], (chosen > rejected).float().mean(), atol=1e-6)
+
+
 def test_hard_labels_over_merged_pairs_are_win_fractions():
     """all_pairs_loss with labels = fraction of c_i c_j Bernoulli draws won equals the mean over the drawn pairs."""
     from dualign.core.dpo import all_pairs_loss

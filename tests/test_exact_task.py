@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from dualign.config import ExactTaskConfig, TinyModelConfig
+from dualign.core.dpo import response_logprobs
 from dualign.core.oracle import ExactOracle, Instance
 from dualign.models.rollout import sample_responses
 from dualign.tasks.exact_problem import ExactProblem, reference_policy, tiny_gpt2
@@ -37,6 +38,29 @@ def test_enumeration_is_differentiable(task):
     model = tiny_gpt2(task.tokenizer, TinyModelConfig(n_layer=1, n_embd=16, n_head=2), max_positions=8)
     (task.enumerate_logprobs(model).exp() * task.reward_table).sum().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_sequence_logprobs_read_off_the_tree_equal_a_forward_pass_with_the_same_gradient(task):
+    """The grouped policy step's log pi(y|x) of sampled rows (prompts repeated, in any order) through the response
+    tree: the values and the parameter gradient of a plain forward pass over the rows."""
+    torch.manual_seed(0)
+    model = tiny_gpt2(task.tokenizer, TinyModelConfig(n_layer=1, n_embd=16, n_head=2), max_positions=8)
+    prompt_index, response_index = torch.tensor([2, 0, 2, 3, 2]), torch.tensor([5, 63, 5, 0, 17])
+    input_ids, response_mask = task.sequences(prompt_index, response_index)
+    weights = torch.randn(len(input_ids))
+    gradients = []
+    for logps in (lambda: task.sequence_logprobs(model, input_ids),
+                  lambda: response_logprobs(model(input_ids=input_ids).logits, input_ids, response_mask,
+                                            task.allowed_token_ids)):
+        model.zero_grad()
+        values = logps()
+        (weights * values).sum().backward()
+        gradients.append((values.detach(), [p.grad.clone() for p in model.parameters()]))
+    (tree, tree_grad), (flat, flat_grad) = gradients
+    assert torch.allclose(tree, flat, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(tree_grad, flat_grad))
+    with pytest.raises(ValueError, match="not \\(prompt, 3-token response\\) sequences"):
+        task.sequence_logprobs(model, input_ids[:, :-1])
 
 
 def test_oracle_agrees_with_monte_carlo_sampling_of_the_model(task, reference):

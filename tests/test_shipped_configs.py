@@ -31,7 +31,7 @@ MODELS = FIXTURES / "tiny_models"
 
 # sizes only: fewer prompts, samples, tokens, steps and iterations than the shipped config
 EXACT_SIZES = ["data.sft_steps=80", "reference.samples_per_prompt=64", "algorithm.iterations=2",
-               "algorithm.dual_samples=16"]
+               "algorithm.epochs_per_iteration=4", "algorithm.dual_samples=16"]
 TEXT_SIZES = ["data.max_train_rows=24", "data.max_test_prompts=4", "model.max_prompt_length=48", "model.max_length=96",
               "generation.max_new_tokens=16", "reference.prompts=8", "reference.samples_per_prompt=2",
               "algorithm.dual_prompts=4", "algorithm.dual_samples=2", "algorithm.iterations=2",
@@ -52,7 +52,8 @@ SMOLLM2_SIZES = [f"data.path={ROOT / 'data' / 'everyday_prompts'}", "data.max_tr
 
 # case -> (the shipped selection, the swaps); trainer configs run on the default exact task
 EXPERIMENTS = {
-    "exact_policy_step": (["experiment=exact_policy_step"], EXACT_SIZES + ["policy_step.steps_per_epoch=5"]),
+    "exact_policy_step": (["experiment=exact_policy_step"], EXACT_SIZES + ["algorithm.epochs_per_iteration=1",
+                                                                   "policy_step.steps_per_epoch=5"]),
     "two_constraints": (["experiment=two_constraints"], EXACT_SIZES),
     "primal_dual": (["experiment=primal_dual"], EXACT_SIZES[:2] + ["algorithm.iterations=1"]),
     # already CPU-sized: its b is set for its own pi_ref samples, so only the schedule and evaluation shrink
@@ -73,7 +74,8 @@ CUDA_ONLY = {"fsdp": "Lightning's FSDPStrategy needs a CUDA accelerator",
 
 # what a swap may touch: the stand-ins' paths and units, sizes, the accelerator (and where outputs go)
 SWAPPABLE = ("data.path", "data.max_", "data.sft_steps", "model.name_or_path", "model.max_", "scorers.", "constraints.",
-             "generation.max_new_tokens", "reference.", "algorithm.iterations", "algorithm.dual_prompts",
+             "generation.max_new_tokens", "reference.", "algorithm.iterations", "algorithm.epochs_per_iteration",
+             "algorithm.dual_prompts",
              "algorithm.dual_samples", "evaluation.samples_per_prompt", "policy_step.steps_per_epoch",
              "trainer.accelerator", "paths.", "logger.")
 SWAPPABLE_SCORER_KEYS = ("name_or_path",)

@@ -17,7 +17,7 @@ from dualign.run import run
 
 SMALL = ["data.sft_steps=80", "reference.samples_per_prompt=64", "algorithm.compare_one_shot=false",
          "trainer.enable_progress_bar=false", "algorithm.iterations=2", "algorithm.epochs_per_iteration=1",
-         "policy_step.batch_size=2"]  # 8 optimiser steps an epoch (16 prompt groups), so signals can land mid-epoch
+         "algorithm.dual_samples=64", "policy_step.batch_size=2"]  # 8 optimiser steps an epoch (16 prompt groups), so signals can land mid-epoch
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +174,7 @@ def test_resuming_with_another_config_is_a_one_line_error_naming_the_keys(shared
 
     root, store, _ = shared
     common = [f"paths.output_dir={root / 'uninterrupted'}", "ckpt_path=last", "algorithm.epochs_per_iteration=1",
-              "algorithm.dual_samples=256", "policy_step.batch_size=2"]  # as SMALL
+              "policy_step.batch_size=2"]  # as SMALL
     with pytest.raises(ConfigError) as error:  # before anything is built
         run(make_cfg(*common, "constraints.safety.threshold=0.8", "beta=2"))
     line = str(error.value)

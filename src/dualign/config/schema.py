@@ -121,9 +121,9 @@ class AlgorithmConfig:
     """Defaults are CAID's (conf/algorithm/caid.yaml); what each name means: config/algorithms.py."""
     name: str = "caid"
     iterations: int = 6  # T dual iterations (trained once for iterations x epochs epochs where the algorithm is not iterative)
-    epochs_per_iteration: int = 8  # E
+    epochs_per_iteration: int = 32  # E (the exact task's full-batch epochs are one optimiser step each)
     dual_prompts: int = 16  # Q prompts for the on-policy dual step
-    dual_samples: int = 256  # K responses per prompt for the dual step
+    dual_samples: int = 1024  # K responses per prompt for the dual step
     dual_estimator: DualEstimator = DualEstimator.rollout
     max_multiplier: Optional[float] = None
     compare_one_shot: bool = True  # also train one_shot on the same instance and report it beside (caid)

@@ -116,12 +116,23 @@ def listwise_loss(log_ratio: torch.Tensor, composite: torch.Tensor, beta: float,
 def group_metrics(log_ratio: torch.Tensor, composite: torch.Tensor, beta: float,
                   count: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """TRL-style metrics over the pairs of distinct responses of a group, each weighted by the sample pairs it stands
-    for; `chosen` is the response with the higher r_lambda."""
-    weight = _pair_weights(torch.ones_like(log_ratio) if count is None else count.to(log_ratio.dtype))
-    first_wins = composite.unsqueeze(2) >= composite.unsqueeze(1)
-    reward = (beta * log_ratio).unsqueeze(2).expand(-1, -1, log_ratio.shape[1])  # [G, K, K]: i's reward at [., i, .]
-    chosen = torch.where(first_wins, reward, reward.transpose(1, 2))
-    rejected = torch.where(first_wins, reward.transpose(1, 2), reward)
-    mean = lambda t: (weight * t).sum() / weight.sum().clamp(min=1)  # noqa: E731
-    return {"rewards/chosen": mean(chosen), "rewards/rejected": mean(rejected),
-            "rewards/margins": mean(chosen - rejected), "rewards/accuracies": mean((chosen > rejected).to(weight.dtype))}
+    for (c_i c_j); `chosen` is the response with the higher r_lambda (of equal ones, the first).
+
+    With the group sorted by r_lambda (descending, ties by position), every pair is (earlier = chosen, later =
+    rejected), so the chosen and rejected sums are one cumulative sum each; only the accuracy compares pairs."""
+    count = torch.ones_like(log_ratio) if count is None else count.to(log_ratio.dtype)
+    K = log_ratio.shape[1]
+    # stable sort on -composite: ties keep their positions, so the earlier of two equal ones is chosen, as i < j
+    order = torch.sort(-composite.detach().to(log_ratio.dtype), dim=1, stable=True).indices
+    reward = (beta * log_ratio).gather(1, order)
+    weight = count.gather(1, order)
+    before = weight.cumsum(1) - weight  # samples ranked above each response
+    after = weight.sum(1, keepdim=True) - weight.cumsum(1)  # and below it
+    pairs = (weight * after).sum(1).sum().clamp(min=1)
+    chosen = (weight * after * reward).sum() / pairs
+    rejected = (weight * before * reward).sum() / pairs
+    later = torch.ones(K, K, dtype=torch.bool, device=log_ratio.device).triu(1)
+    right = (reward.unsqueeze(2) > reward.unsqueeze(1)) & later  # [G, K, K]: chosen i's reward above rejected j's
+    accurate = torch.einsum("gi,gij,gj->", weight, right.to(weight.dtype), weight) / pairs
+    return {"rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margins": chosen - rejected,
+            "rewards/accuracies": accurate}

@@ -67,6 +67,9 @@ class Task(Protocol):
     evaluates_every_iteration: bool  # the evaluator runs after every iteration (cheap, or asked for)
     logprob_batch_size: int  # sequences a forward pass when log-probabilities are taken without gradients
     evaluation_prompts: object  # the prompts policies are evaluated on (prompts, prompt_token_ids): a test split
+    # log pi(y|x) of full token rows [R, T] with gradients, for a group of responses to one prompt, where the task
+    # computes it cheaper than a forward pass over every row (shared prefixes); None: that forward pass
+    group_logprobs: object
 
     def reference_stage(self) -> ReferenceStage:
         """pi_ref, the scorers, the sampler and pi_ref's scored rollouts (cached on disk where the task caches)."""

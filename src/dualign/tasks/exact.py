@@ -32,6 +32,7 @@ class ExactTask:
         self.tokenizer, self.allowed_token_ids = self.problem.tokenizer, self.problem.allowed_token_ids
         self.max_new_tokens = self.min_new_tokens = cfg.data.response_length  # every response has this length
         self.evaluation_prompts = self  # evaluated on its own prompts (by enumeration; sampled where a step samples)
+        self.group_logprobs = self.problem.sequence_logprobs  # a group's responses share the response tree
 
     def reference_stage(self) -> ReferenceStage:
         cfg, problem = self.cfg, self.problem
@@ -83,7 +84,8 @@ class ExactTask:
         cfg = context.cfg  # a stage of a stepwise or preference run pairs with its own policy-step settings
         return policy_step_data(cfg.policy_step, self.prompt_token_ids, rollouts, scores, context.reference,
                                 self.tokenizer.pad_token_id, cfg.algorithm.iterations, cfg.seed, self.allowed_token_ids,
-                                batch_size=self.logprob_batch_size, autocast_dtype=autocast_dtype(cfg.trainer.precision))
+                                batch_size=self.logprob_batch_size, autocast_dtype=autocast_dtype(cfg.trainer.precision),
+                                group_logprobs=self.group_logprobs)
 
     def preference_stage(self, context: RunContext, objective: int) -> tuple[RunContext, dict]:
         """PeCAID's pre-alignment of objective row `objective` (0: the reward): one Bradley-Terry label per pair of a

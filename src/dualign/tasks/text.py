@@ -63,6 +63,7 @@ class TextTask:
         self.test = PromptSet(load_split(cfg.data, cfg.data.test_split), self.formatter)
         self.prompts, self.prompt_token_ids = self.train.prompts, self.train.prompt_token_ids
         self.evaluation_prompts = self.test
+        self.group_logprobs = None  # a forward pass over every response (prompts are not shared in the cache)
         self.allowed_token_ids = None
         self.max_new_tokens, self.min_new_tokens = cfg.generation.max_new_tokens, 0
         self.description = f"{cfg.data.kind} ({len(self.test.prompts)} test prompts)"

@@ -75,10 +75,11 @@ def pad_right(sequences: list[list[int]], pad_id: int) -> torch.Tensor:
 
 @torch.no_grad()
 def sequence_logprobs(model, input_ids, attention_mask, response_mask, allowed_token_ids=None, batch_size=1024,
-                      autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+                      autocast_dtype: torch.dtype | None = None, group_logprobs=None) -> torch.Tensor:
     """Response log-probabilities of many sequences under a frozen model, in batches, [B]. autocast_dtype: the
-    training precision's autocast (bf16-mixed, 16-mixed), so that reference log-probs cached here equal the policy's
-    own at initialisation (the DPO log-ratio starts at exactly 0)."""
+    training precision's autocast (bf16-mixed, 16-mixed), and group_logprobs: the task's own computation where the
+    policy step uses it (Task.group_logprobs), so that reference log-probs cached here equal the policy's own at
+    initialisation (the DPO log-ratio starts at exactly 0)."""
     device = next(model.parameters()).device
     autocast = (torch.autocast(device.type, dtype=autocast_dtype, cache_enabled=False) if autocast_dtype is not None
                 else contextlib.nullcontext())
@@ -89,6 +90,10 @@ def sequence_logprobs(model, input_ids, attention_mask, response_mask, allowed_t
             width = int(attention_mask[part].sum(-1).max())  # right padding: columns past the longest row are padding
             ids, mask = input_ids[part, :width].to(device), attention_mask[part, :width].to(device)
             with autocast:  # the whole step as training runs it, log-softmax included
+                if group_logprobs is not None:
+                    out.append(group_logprobs(model, ids).float().cpu())
+                    progress.update(ids.shape[0])
+                    continue
                 logits = model(input_ids=ids, attention_mask=mask).logits
                 out.append(response_logprobs(logits, ids, response_mask[part, :width].to(device),
                                              allowed_token_ids).float().cpu())
@@ -156,7 +161,7 @@ def preference_pairs(
 def response_groups(prompt_ids: list[list[int]], rollouts, scores: torch.Tensor, reference, pad_id: int,
                     group_size: int | None = None, allowed_token_ids: torch.Tensor | None = None,
                     ref_logps: torch.Tensor | None = None, batch_size: int = 1024,
-                    autocast_dtype: torch.dtype | None = None) -> TensorBatches:
+                    autocast_dtype: torch.dtype | None = None, group_logprobs=None) -> TensorBatches:
     """Groups of responses to one prompt for the all-pairs and listwise policy steps: [G, K, ...] tensors, a group
     being the rollouts of one prompt (in prompt-major order), or consecutive chunks of `group_size` of them.
 
@@ -184,7 +189,7 @@ def response_groups(prompt_ids: list[list[int]], rollouts, scores: torch.Tensor,
     if ref_logps is None:
         with stage("reference log-probs"):
             ref_logps = sequence_logprobs(reference, input_ids[first], attention_mask[first], response_mask[first],
-                                          allowed_token_ids, batch_size, autocast_dtype)
+                                          allowed_token_ids, batch_size, autocast_dtype, group_logprobs)
     else:
         ref_logps = ref_logps[first]
     log.info("policy-step data: %d groups, %d distinct responses of %d samples (%.1f a group)",
@@ -208,13 +213,14 @@ def response_groups(prompt_ids: list[list[int]], rollouts, scores: torch.Tensor,
 
 def policy_step_data(policy_step, prompt_ids, rollouts, scores, reference, pad_id: int, num_iterations: int,
                      seed: int, allowed_token_ids=None, ref_logps=None, batch_size: int = 1024,
-                     autocast_dtype=None) -> TensorBatches:
+                     autocast_dtype=None, group_logprobs=None) -> TensorBatches:
     """The DPO step's data as policy_step.pairs asks: consecutive pairs, or groups of a prompt's responses."""
     if policy_step.pairs == "consecutive":
         return preference_pairs(prompt_ids, rollouts, scores, reference, pad_id, num_iterations, seed, allowed_token_ids,
                                 ref_logps=ref_logps, batch_size=batch_size, autocast_dtype=autocast_dtype)
     return response_groups(prompt_ids, rollouts, scores, reference, pad_id, policy_step.group_size, allowed_token_ids,
-                           ref_logps=ref_logps, batch_size=batch_size, autocast_dtype=autocast_dtype)
+                           ref_logps=ref_logps, batch_size=batch_size, autocast_dtype=autocast_dtype,
+                           group_logprobs=group_logprobs)
 
 
 def prompt_batches(num_prompts: int, steps_per_epoch: int) -> TensorBatches:

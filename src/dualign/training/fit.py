@@ -58,7 +58,8 @@ def _dpo(context: RunContext, epochs: int):
     if cfg.policy_step.pairs == "consecutive":
         step = DPOStep(cfg.beta, cfg.policy_step.labels, allowed)
     else:
-        step = GroupDPOStep(cfg.beta, cfg.policy_step.pairs, cfg.policy_step.labels, allowed, cfg.seed)
+        step = GroupDPOStep(cfg.beta, cfg.policy_step.pairs, cfg.policy_step.labels, allowed, cfg.seed,
+                            context.task.group_logprobs)
     return step, PairData(context, epochs)
 
 

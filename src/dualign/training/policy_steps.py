@@ -63,8 +63,9 @@ class GroupDPOStep:
     """
 
     def __init__(self, beta: float, objective: str = "all", labels: str = "soft",
-                 allowed_token_ids: torch.Tensor | None = None, seed: int = 0):
+                 allowed_token_ids: torch.Tensor | None = None, seed: int = 0, group_logprobs=None):
         self.beta, self.objective, self.labels, self.allowed_token_ids, self.seed = beta, objective, labels, allowed_token_ids, seed
+        self.group_logprobs = group_logprobs  # the task's cheaper log pi(y|x) of rows sharing prefixes, if it has one
 
     def __call__(self, policy, batch, multipliers, iteration, global_step=0):
         count = batch["count"]
@@ -72,8 +73,11 @@ class GroupDPOStep:
         width = int(batch["attention_mask"].sum(-1).max())  # right-padded to the dataset's longest row
         rows = lambda t: t[..., :width].reshape(-1, width)[filled]  # noqa: E731
         input_ids = rows(batch["input_ids"])
-        logits = policy(input_ids=input_ids, attention_mask=rows(batch["attention_mask"])).logits
-        logps = response_logprobs(logits, input_ids, rows(batch["response_mask"]), self.allowed_token_ids)
+        if self.group_logprobs is not None:
+            logps = self.group_logprobs(policy, input_ids)
+        else:
+            logits = policy(input_ids=input_ids, attention_mask=rows(batch["attention_mask"])).logits
+            logps = response_logprobs(logits, input_ids, rows(batch["response_mask"]), self.allowed_token_ids)
         logps = torch.zeros(count.numel(), dtype=logps.dtype, device=logps.device).masked_scatter(filled, logps)
         log_ratio = logps.view(count.shape) - batch["ref_logps"]
         composite = composite_reward(batch["reward"], batch["utility"].movedim(1, 0), multipliers.float())
