@@ -2,7 +2,7 @@
 # The exact-task study of issue 4: CAID vs one-shot across thresholds, primal-dual, DPO_h / DPO_s, online pairs,
 # two constraints, and the parametrisation gap. Every part is a Hydra multirun of train.py; the report script then
 # reads the runs' summary.json files and writes docs/study.md with its PNG plots. Runs are tracked in MLflow
-# (outputs/mlflow.db, experiments study-*). About an hour on 2 CPU cores; ONLY="part ..." runs some parts.
+# (outputs/mlflow.db, experiments study-*). About half an hour on 2 CPU cores; ONLY="part ..." runs some parts.
 #   bash sweeps/study.sh            # everything
 #   bash sweeps/study.sh report     # only regenerate docs/ from existing runs
 set -euo pipefail

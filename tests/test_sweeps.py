@@ -12,8 +12,8 @@ import pytest
 import yaml
 from conftest import ROOT
 
-TINY = ["data.sft_steps=40", "reference.samples_per_prompt=16", "algorithm.iterations=1", "algorithm.dual_samples=16",
-        "trainer.enable_progress_bar=false"]
+TINY = ["data.sft_steps=40", "reference.samples_per_prompt=16", "algorithm.iterations=1",
+        "algorithm.epochs_per_iteration=8", "algorithm.dual_samples=16", "trainer.enable_progress_bar=false"]
 
 SWEEP_CONFIG = """
 defaults:
