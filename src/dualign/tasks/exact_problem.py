@@ -90,6 +90,11 @@ class ExactProblem:
         self.reward_table, self.utility_tables = _seeded_tables(cfg)
         self._prompt_lookup = {p: i for i, p in enumerate(self.prompts)}
         self._token_lookup = {t: k for k, t in enumerate(self.alphabet)}
+        # token id -> prompt index / alphabet index (-1: neither), for reading rows of token ids (sequence_logprobs)
+        self._token_to_prompt = torch.full((len(self.tokenizer),), -1, dtype=torch.long)
+        self._token_to_prompt[torch.tensor(self.prompt_token_ids)[:, -1]] = torch.arange(P)
+        self._token_to_letter = torch.full((len(self.tokenizer),), -1, dtype=torch.long)
+        self._token_to_letter[self.allowed_token_ids] = torch.arange(K)
 
     @property
     def max_new_tokens(self) -> int:  # every response has exactly response_length tokens
@@ -143,12 +148,8 @@ class ExactProblem:
         K, L = self.cfg.num_response_tokens, self.cfg.response_length
         device = input_ids.device
         prompt_width = len(self.prompt_token_ids[0])
-        token_to_prompt = torch.full((len(self.tokenizer),), -1, dtype=torch.long)
-        token_to_prompt[torch.tensor(self.prompt_token_ids)[:, -1]] = torch.arange(len(self.prompts))
-        token_to_letter = torch.full((len(self.tokenizer),), -1, dtype=torch.long)
-        token_to_letter[self.allowed_token_ids] = torch.arange(K)
-        prompt = token_to_prompt.to(device)[input_ids[:, prompt_width - 1]]
-        letters = token_to_letter.to(device)[input_ids[:, prompt_width:prompt_width + L]]
+        prompt = self._token_to_prompt.to(device)[input_ids[:, prompt_width - 1]]
+        letters = self._token_to_letter.to(device)[input_ids[:, prompt_width:prompt_width + L]]
         if input_ids.shape[1] < prompt_width + L or (prompt < 0).any() or (letters < 0).any():
             raise ValueError(f"rows are not (prompt, {L}-token response) sequences of the exact task")
         response = (letters * K ** torch.arange(L - 1, -1, -1, device=device)).sum(-1)

@@ -91,12 +91,11 @@ def sequence_logprobs(model, input_ids, attention_mask, response_mask, allowed_t
             ids, mask = input_ids[part, :width].to(device), attention_mask[part, :width].to(device)
             with autocast:  # the whole step as training runs it, log-softmax included
                 if group_logprobs is not None:
-                    out.append(group_logprobs(model, ids).float().cpu())
-                    progress.update(ids.shape[0])
-                    continue
-                logits = model(input_ids=ids, attention_mask=mask).logits
-                out.append(response_logprobs(logits, ids, response_mask[part, :width].to(device),
-                                             allowed_token_ids).float().cpu())
+                    logps = group_logprobs(model, ids)
+                else:
+                    logits = model(input_ids=ids, attention_mask=mask).logits
+                    logps = response_logprobs(logits, ids, response_mask[part, :width].to(device), allowed_token_ids)
+                out.append(logps.float().cpu())
             progress.update(ids.shape[0])
     return torch.cat(out)
 
