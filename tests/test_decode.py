@@ -10,7 +10,7 @@ from conftest import ROOT
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.generation.logits_process import TopPLogitsWarper
 
-from dualign.models.decode import decode, top_p_sample
+from dualign.models.decode import decode, nucleus_log_softmax, top_p_sample
 from dualign.models.rollout import sample_responses
 
 POLICY = ROOT / "tests" / "fixtures" / "tiny_models" / "policy"
@@ -30,6 +30,14 @@ def test_top_p_keeps_the_tokens_transformers_keeps(spread):
         expected = TopPLogitsWarper(0.9)(None, logits.clone()).softmax(-1)
         observed = torch.stack([torch.bincount(d, minlength=1000) for d in draws]).float() / draws.shape[1]
         assert (0.5 * (observed - expected).abs().sum(-1)).max() < 0.1  # 400 draws of a few tokens
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9), (1.3, 0.5)])
+def test_nucleus_log_softmax_is_the_warped_distribution_transformers_samples(temperature, top_p):
+    torch.manual_seed(0)
+    logits = torch.randn(50, 8) * 2.0  # an alphabet of 8 (the exact task's); nuclei of 1 to 8 tokens
+    expected = TopPLogitsWarper(top_p)(None, logits / temperature).softmax(-1)
+    assert torch.allclose(nucleus_log_softmax(logits, temperature, top_p).exp(), expected, atol=1e-6)
 
 
 @pytest.fixture(scope="module")

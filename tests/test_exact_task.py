@@ -5,6 +5,7 @@ import torch
 from dualign.config import ExactTaskConfig, TinyModelConfig
 from dualign.core.dpo import response_logprobs
 from dualign.core.oracle import ExactOracle, Instance
+from dualign.models.decode import nucleus_log_softmax
 from dualign.models.rollout import sample_responses
 from dualign.tasks.exact_problem import ExactProblem, reference_policy, tiny_gpt2
 from dualign.training.data import sequence_logprobs
@@ -83,6 +84,32 @@ def test_oracle_agrees_with_monte_carlo_sampling_of_the_model(task, reference):
     chi2 = ((counts - expected) ** 2 / expected.clamp(min=1e-9))[expected > 5].sum().item()
     dof = int((expected > 5).sum()) - 1
     assert chi2 < dof + 5 * (2 * dof) ** 0.5
+
+
+def test_tree_sampler_draws_what_the_decode_loop_draws(task, reference):
+    """generation.backend=enumerate: response frequencies equal the token-by-token law under temperature and top-p
+    (the nucleus taken at each node), the same as transformers' generate with those settings."""
+    temperature, top_p, samples = 0.8, 0.9, 6000
+    warped = task.enumerate_logprobs(reference, torch.tensor([1]),
+                                     lambda logits: nucleus_log_softmax(logits, temperature, top_p)).detach()[0]
+    assert abs(warped.exp().sum().item() - 1) < 1e-5 and (warped == float("-inf")).any()  # the nucleus cut some
+    tree = task.sample(reference, [task.prompts[1], task.prompts[2]], samples, seed=0, temperature=temperature,
+                       top_p=top_p)
+    generated = sample_responses(reference, task.tokenizer, [task.prompts[1]], [task.prompt_token_ids[1]], samples,
+                                 SMALL.response_length, seed=0, temperature=temperature, top_p=top_p,
+                                 min_new_tokens=SMALL.response_length, allowed_token_ids=task.allowed_token_ids)
+    assert tree.prompt_index.tolist() == [0] * samples + [1] * samples and tree.prompts[samples] == task.prompts[2]
+    assert task.tokenizer.batch_decode(tree.response_ids[:20], skip_special_tokens=True) == tree.responses[:20]
+    expected = warped.double().exp() * samples
+    for responses in (tree.responses[:samples], generated.responses):
+        counts = torch.bincount(task.response_indices(responses), minlength=task.num_responses).double()
+        assert counts[expected == 0].sum() == 0  # never outside a nucleus
+        chi2 = ((counts - expected) ** 2 / expected.clamp(min=1e-9))[expected > 5].sum().item()
+        dof = int((expected > 5).sum()) - 1
+        assert chi2 < dof + 5 * (2 * dof) ** 0.5
+    again = task.sample(reference, [task.prompts[1]], 50, seed=0, temperature=temperature, top_p=top_p)
+    assert again.responses == task.sample(reference, [task.prompts[1]], 50, seed=0, temperature=temperature,
+                                          top_p=top_p).responses  # seeded
 
 
 def test_reference_cache_reloads_through_from_pretrained(task, reference, cache_dir):

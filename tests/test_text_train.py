@@ -205,6 +205,13 @@ def test_vllm_backend_without_vllm_is_a_one_line_error(tmp_path, cache_dir, make
         validate(make_cfg("generation.backend=vllm"))
 
 
+def test_the_tree_sampler_is_refused_on_text_tasks(tmp_path, cache_dir, make_cfg):
+    assert make_cfg().generation.backend == "enumerate"  # the exact task's default (conf/sizes/exact.yaml)
+    assert compose_text(tmp_path, cache_dir).generation.backend == "fast"
+    with pytest.raises(ConfigError, match="generation.backend=enumerate draws from the exact task"):
+        validate(compose_text(tmp_path, cache_dir, "generation.backend=enumerate"))
+
+
 def test_checkpoints_of_a_tied_embedding_model_hold_only_the_adapters_and_resume(tmp_path, cache_dir):
     """A tied weight (lm_head = embed_tokens) is listed once by named_parameters() but saved under both names: the
     frozen output matrix must not land in last.ckpt (a 135M SmolLM2 with LoRA gave 124 MB instead of a few)."""

@@ -66,6 +66,7 @@ class Backend(StrEnum):
     hf = "hf"  # transformers generate
     fast = "fast"  # dualign's decode loop (models/decode.py; Llama-family steps in models/llama_steps.py): small models
     vllm = "vllm"  # text tasks on GPU (pip install vllm)
+    enumerate = "enumerate"  # the exact task: draws from the enumerated response tree (same law as token by token)
 
 
 class ScorerKind(StrEnum):

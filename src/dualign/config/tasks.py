@@ -53,7 +53,8 @@ class ExactTaskConfig:
             raise ConfigError(f"generation.max_new_tokens={cfg.generation.max_new_tokens} must be null or "
                               f"data.response_length={self.response_length} on the exact task")
         if cfg.generation.backend == "vllm":
-            raise ConfigError("generation.backend=vllm is for text tasks; the exact task samples with generation.backend=hf")
+            raise ConfigError("generation.backend=vllm is for text tasks; the exact task samples with "
+                              "generation.backend=enumerate (its default), hf or fast")
 
 
 @dataclass
@@ -107,6 +108,9 @@ class TextDataConfig:
             raise ConfigError("generation.max_new_tokens is null; text tasks need a response length limit")
         if not self.path:
             raise ConfigError("data.path is empty; give a hub dataset name or a local folder or file")
+        if cfg.generation.backend == "enumerate":
+            raise ConfigError("generation.backend=enumerate draws from the exact task's enumerated responses; text "
+                              "tasks sample with generation.backend=fast, hf or vllm")
         if self.kind == "jsonl" and not self.response_columns and cfg.policy_step.pairs_from == "dataset":
             raise ConfigError("policy_step.pairs_from=dataset pairs the dataset's responses, but data.response_columns "
                               "is empty (prompt-only data); use policy_step.pairs_from=reference or name the columns")

@@ -77,6 +77,18 @@ def top_p_sample(logits: torch.Tensor, temperature: float, top_p: float) -> torc
             return tokens
 
 
+def nucleus_log_softmax(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """log of the distribution top_p_sample draws from, for every token of logits [..., V]: softmax(logits /
+    temperature) restricted to the nucleus (a token is in it when the tokens more likely than it weigh less than
+    top_p together) and renormalised. For small alphabets (it compares every pair of tokens: V x V a row)."""
+    logprobs = torch.log_softmax(logits.float() / temperature, -1)
+    if top_p >= 1.0:
+        return logprobs
+    probs = logprobs.exp()
+    above = torch.where(probs.unsqueeze(-2) > probs.unsqueeze(-1), probs.unsqueeze(-2), 0.0).sum(-1)
+    return torch.log_softmax(logprobs.masked_fill(above >= top_p, float("-inf")), -1)
+
+
 class ModelSteps:
     """Prefill and decode steps through the model's own forward and transformers' DynamicCache: any causal LM."""
 

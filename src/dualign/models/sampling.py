@@ -11,11 +11,14 @@ from dualign.util import timing
 
 class Sampler:
     """generation.* applied to a task's prompts: the tokenizer, the response length and the allowed tokens come from
-    the task, the backend (transformers generate, or vLLM on GPU) from the config."""
+    the task, the backend (transformers generate, dualign's decode loop, vLLM on GPU, or the exact task's draw from
+    its enumerated response tree) from the config."""
 
     def __init__(self, generation, tokenizer, max_new_tokens: int, min_new_tokens: int = 0,
-                 allowed_token_ids: torch.Tensor | None = None, scorers=None, vllm_settings=None, reference=None):
+                 allowed_token_ids: torch.Tensor | None = None, scorers=None, vllm_settings=None, reference=None,
+                 enumerator=None):
         self.generation, self.tokenizer = generation, tokenizer
+        self.enumerator = enumerator  # backend=enumerate: the task's exact sampler (tasks with an enumerable tree)
         self.max_new_tokens, self.min_new_tokens, self.allowed_token_ids = max_new_tokens, min_new_tokens, allowed_token_ids
         self.scorers, self.reference = scorers, reference
         self._vllm_settings, self._vllm = vllm_settings, None
@@ -36,6 +39,8 @@ class Sampler:
 
     def _generate(self, model, prompts, prompt_ids, samples: int, seed: int) -> Rollouts:
         generation = self.generation
+        if generation.backend == "enumerate":
+            return self.enumerator(model, prompts, samples, seed, generation.temperature, generation.top_p)
         if generation.backend == "vllm":
             if self._vllm is None:
                 self._vllm = VLLMGenerator(self._vllm_settings)

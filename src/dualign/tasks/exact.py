@@ -39,7 +39,7 @@ class ExactTask:
         reference = reference_policy(problem, cfg.model, cfg.paths.cache_dir)
         scorers = ScorerSet(cfg, available=problem.scorers())  # the tables, and any configured scorer beside them
         sampler = Sampler(cfg.generation, self.tokenizer, self.max_new_tokens, self.min_new_tokens,
-                          self.allowed_token_ids, scorers)
+                          self.allowed_token_ids, scorers, enumerator=problem.sample)
         P, samples = len(self.prompts), cfg.reference.samples_per_prompt
         # pi_ref rollouts: DPO pairs, E_ref[g] and the one-shot plug-in dual all come from these samples
         rollouts, scores = sampler.sample(reference, self, range(P), samples, seed=cfg.seed)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -18,6 +19,8 @@ from transformers import AutoModelForCausalLM, DynamicCache, GPT2Config, GPT2LMH
 
 from dualign.config.tasks import ExactTaskConfig, TinyModelConfig
 from dualign.core.dpo import response_logprobs
+from dualign.models.decode import nucleus_log_softmax
+from dualign.models.rollout import Rollouts
 from dualign.util import seeds
 from dualign.util.cache import cached_folder
 from dualign.util.timing import stage
@@ -156,14 +159,17 @@ class ExactProblem:
         distinct, row_prompt = torch.unique(prompt, return_inverse=True)
         return self.enumerate_logprobs(model, distinct.cpu())[row_prompt, response]
 
-    def enumerate_logprobs(self, model, prompt_index: torch.Tensor | None = None) -> torch.Tensor:
+    def enumerate_logprobs(self, model, prompt_index: torch.Tensor | None = None,
+                           next_token: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """Exact log pi(y|x) for every response, [len(prompt_index), N], differentiable.
 
         Walks the response tree with the KV cache: the prompts once, then every prefix of length t branches into
         its K children. Each tree node is computed once: P * (Lp + K + ... + K**(L-1)) tokens in all, against
-        P * N * (Lp + L) for a forward pass over every full sequence.
+        P * N * (Lp + L) for a forward pass over every full sequence. next_token maps a node's logits over the
+        alphabet [rows, K] to its next-token log-probs (default: log_softmax; sampling: temperature and top-p).
         """
         K, L = self.cfg.num_response_tokens, self.cfg.response_length
+        next_token = next_token or (lambda logits: logits.float().log_softmax(-1))
         if prompt_index is None:
             prompt_index = torch.arange(self.cfg.num_prompts)
         device = next(model.parameters()).device
@@ -172,12 +178,12 @@ class ExactProblem:
         # the cache goes in positionally: transformers 4.x names it past_key_values, 5.x cache; the model fills it
         cache = DynamicCache(config=model.config)
         logits = model(prompt, cache, use_cache=True).logits
-        levels = [logits[:, -1, allowed].float().log_softmax(-1)]  # [B * K**t, K] for t = 0 .. L-1
+        levels = [next_token(logits[:, -1, allowed])]  # [B * K**t, K] for t = 0 .. L-1
         for _ in range(1, L):
             cache.batch_repeat_interleave(K)  # every prefix branches into its K continuations
             children = allowed.repeat(levels[-1].shape[0]).unsqueeze(1)
             logits = model(children, cache, use_cache=True).logits
-            levels.append(logits[:, -1, allowed].float().log_softmax(-1))
+            levels.append(next_token(logits[:, -1, allowed]))
         B, N = prompt.shape[0], self.num_responses
         tokens = self.response_tokens.to(device)  # [N, L]
         total = torch.zeros(B, N, device=device)
@@ -186,6 +192,28 @@ class ExactProblem:
             prefix = torch.arange(N, device=device) // K ** (L - t)
             total = total + level.view(B, K**t, K)[:, prefix, tokens[:, t]]
         return total
+
+    @torch.no_grad()
+    def sample(self, model, prompts: list[str], samples: int, seed: int, temperature: float = 1.0,
+               top_p: float = 1.0) -> Rollouts:
+        """`samples` responses to each prompt (prompt-major), drawn from the model's exact response distribution
+        under temperature and top-p (generation.backend=enumerate). Token by token sampling with the same settings
+        draws from this same distribution: each tree node's next-token law is the decode loop's
+        (nucleus_log_softmax), and a response's probability is the product along its path. One walk of the tree
+        and one multinomial draw a prompt, instead of a decode loop over every sample."""
+        was_training = model.training
+        model.eval()
+        prompt_index = self.prompt_indices(prompts)
+        settings = lambda logits: nucleus_log_softmax(logits, temperature, top_p)  # noqa: E731
+        probs = self.enumerate_logprobs(model, prompt_index, settings).double().exp().cpu()
+        model.train(was_training)
+        generator = torch.Generator().manual_seed(seed)
+        drawn = torch.multinomial(probs, samples, replacement=True, generator=generator)  # [B, samples]
+        row_prompt = torch.arange(len(prompts)).repeat_interleave(samples)
+        response_ids = self.allowed_token_ids[self.response_tokens[drawn.reshape(-1)]].tolist()
+        return Rollouts(prompt_index=row_prompt, response_ids=response_ids,
+                        prompts=[prompts[i] for i in row_prompt.tolist()],
+                        responses=[self.responses[n] for n in drawn.reshape(-1).tolist()], finished=None)
 
 
 def tiny_gpt2(tokenizer, model_cfg: TinyModelConfig, max_positions: int) -> GPT2LMHeadModel:
