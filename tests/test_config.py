@@ -41,6 +41,15 @@ def test_bad_values_give_one_line_errors(make_cfg, override, message):
     assert "\n" not in str(error.value)
 
 
+def test_only_the_projected_rule_on_iteration_dual_steps_sizes_its_own_step(make_cfg):
+    assert make_cfg().algorithm.step_size is None  # caid's default: half a Newton step, measured each dual step
+    with pytest.raises(ConfigError, match="algorithm.dual_rule=log needs a step size alpha"):
+        check(make_cfg("algorithm.dual_rule=log"))
+    with pytest.raises(ConfigError, match="algorithm.step_size is null: algorithm.name=primal_dual measures no"):
+        check(make_cfg("experiment=primal_dual", "algorithm.dual_rule=projected", "algorithm.step_size=null"))
+    check(make_cfg("experiment=primal_dual", "algorithm.step_size=null", "constraints.safety.step_size=0.1"))
+
+
 def test_fused_adamw_is_refused_only_where_it_cannot_be_clipped(make_cfg):
     """Lightning's mixed-precision plugin cannot clip an optimiser that unscales inside its step (fused AdamW)."""
     with pytest.raises(ConfigError, match="optimizer.fused=true cannot be clipped under trainer.precision=bf16-mixed"):

@@ -4,7 +4,13 @@ import itertools
 import pytest
 import torch
 
-from dualign.core.dual_steps import box_qp, newton_dual_step, projected_dual_step, within_prompt_scatter
+from dualign.core.dual_steps import (
+    box_qp,
+    curvature_step_sizes,
+    newton_dual_step,
+    projected_dual_step,
+    within_prompt_scatter,
+)
 from dualign.core.duality import (
     InfeasibleError,
     dual_terms,
@@ -233,6 +239,37 @@ def test_newton_dual_steps_on_the_plug_in_dual_reach_its_minimiser_in_a_few_step
         terms = dual_terms(reward, utility, reference_mean, threshold, multipliers, 1.0)
         multipliers = newton_dual_step(multipliers, terms.gradient, hessian=terms.hessian)
     assert torch.allclose(multipliers, solution.multipliers, atol=1e-6)
+
+
+def test_curvature_step_sizes_are_half_newton_where_unset_and_bounded_by_the_trust_region():
+    hessian = torch.tensor([[2.0, 0.7], [0.7, 0.5]])
+    set_and_unset = torch.tensor([0.3, float("nan")])
+    sizes = curvature_step_sizes(set_and_unset, hessian, torch.tensor([0.1, -0.2]), torch.tensor([1.0, 2.0]))
+    assert torch.allclose(sizes, torch.tensor([0.3, 0.5 / 0.5]))  # a set eta stays; unset: 1 / (2 H_ii)
+    # a constraint the samples barely vary on: the move is max(1, lambda), not u / 1e-9
+    flat = curvature_step_sizes(torch.tensor([float("nan")]), torch.tensor([[1e-9]]), torch.tensor([-0.4]),
+                                torch.tensor([3.0]))
+    assert projected_dual_step(torch.tensor([3.0]), torch.tensor([-0.4]), flat).item() == pytest.approx(6.0)
+
+
+def test_half_newton_steps_converge_on_the_plug_in_dual_for_every_beta_where_a_fixed_eta_oscillates():
+    """One constraint, the dual's own gradient and curvature: the error shrinks by half a step at every beta, while
+    eta = 1 chosen at beta = 1 overshoots (|1 - eta H| > 1 when beta is small)."""
+    generator = torch.Generator().manual_seed(1)
+    reward, utility = torch.randn(8, 60, generator=generator), torch.randn(1, 8, 60, generator=generator)
+    reference_mean, threshold = utility.mean(dim=(1, 2)), torch.tensor([0.3])
+    for beta in (0.1, 0.5, 1.0, 2.0):
+        target = solve_dual(reward, utility, reference_mean, threshold, beta).multipliers
+        auto, fixed = torch.zeros(1), torch.zeros(1)
+        for _ in range(12):
+            terms = dual_terms(reward, utility, reference_mean, threshold, auto, beta)
+            auto = projected_dual_step(auto, terms.gradient, curvature_step_sizes(
+                torch.tensor([float("nan")]), terms.hessian, terms.gradient, auto))
+            fixed = projected_dual_step(fixed, dual_terms(reward, utility, reference_mean, threshold, fixed,
+                                                          beta).gradient, 1.0)
+        assert torch.allclose(auto, target, rtol=1e-2)
+        if beta == 0.1:
+            assert not torch.allclose(fixed, target, rtol=0.1)  # the fixed step does not settle there
 
 
 def test_within_prompt_scatter_is_the_covariance_about_each_prompts_own_mean():

@@ -59,6 +59,11 @@ class AlgorithmSpec:
         if self.trigger == Trigger.steps and cfg.algorithm.dual_rule == "newton":
             raise ConfigError(f"algorithm.dual_rule=newton needs a dual step per iteration (its curvature comes from a "
                               f"fresh on-policy sample); algorithm.name={self.name} updates lambda every k steps")
+        unsized = [n for n, c in cfg.constraints.items() if c.step_size is None and cfg.algorithm.step_size is None]
+        if self.trigger == Trigger.steps and unsized:
+            raise ConfigError(f"algorithm.step_size is null: algorithm.name={self.name} measures no covariance of g to "
+                              f"size a step from (its dual step reads the policy step's own samples); set it (or "
+                              f"constraints.{unsized[0]}.step_size)")
         if self.trigger == Trigger.steps and cfg.algorithm.dual_every_steps is None:
             raise ConfigError(f"algorithm.dual_every_steps is null; algorithm.name={self.name} updates lambda every k steps")
 

@@ -129,7 +129,9 @@ class AlgorithmConfig:
     max_multiplier: Optional[float] = None
     compare_one_shot: bool = True  # also train one_shot on the same instance and report it beside (caid)
     initial_multiplier: Optional[float] = None  # None: the one-shot lambda* where the algorithm warm-starts, else 0
-    step_size: float = 1.0  # eta (projected rule) or alpha (log rule), for constraints that set none (newton: unused)
+    # eta (projected rule) or alpha (log rule), for constraints that set none (newton: unused). None (projected only):
+    # half a Newton step, eta_i = beta / (2 Var(g_i)) from each dual step's own samples (core/dual_steps.py)
+    step_size: Optional[float] = None
     dual_rule: DualRule = DualRule.projected
     trust_radius: Optional[float] = None  # newton: the largest move of a multiplier per step (None: max(1, max lambda))
     merge_weight: Optional[float] = None  # sacpo: P-SACPO's q, weights reward-aligned + q (final - reward-aligned)
@@ -137,9 +139,10 @@ class AlgorithmConfig:
     dual_every_steps: Optional[int] = None  # a dual step every k optimiser steps (step-triggered algorithms)
 
     def check(self, cfg: "TrainConfig") -> None:
-        for key in ("iterations", "epochs_per_iteration", "dual_prompts", "dual_samples", "step_size",
-                    "preference_epochs"):
+        for key in ("iterations", "epochs_per_iteration", "dual_prompts", "dual_samples", "preference_epochs"):
             positive(f"algorithm.{key}", getattr(self, key))
+        if self.step_size is not None:
+            positive("algorithm.step_size", self.step_size)
         if self.dual_every_steps is not None:
             positive("algorithm.dual_every_steps", self.dual_every_steps)
         if self.max_multiplier is not None:
@@ -155,6 +158,9 @@ class AlgorithmConfig:
         for name, constraint in cfg.constraints.items():
             if constraint.step_size is not None:
                 positive(f"constraints.{name}.step_size", constraint.step_size)
+            elif self.step_size is None and self.dual_rule == DualRule.log:
+                raise ConfigError(f"algorithm.dual_rule=log needs a step size alpha: set algorithm.step_size (or "
+                                  f"constraints.{name}.step_size); only the projected rule sizes its own step")
             if constraint.initial_multiplier is not None:
                 positive(f"constraints.{name}.initial_multiplier", constraint.initial_multiplier, strict=strict)
 

@@ -15,7 +15,7 @@ from typing import Callable, Protocol
 import lightning as L
 import torch
 
-from dualign.core.dual_steps import DUAL_STEPS
+from dualign.core.dual_steps import DUAL_STEPS, curvature_step_sizes
 from dualign.util.metrics import flatten_metrics
 
 log = logging.getLogger("dualign")
@@ -59,8 +59,10 @@ class DualUpdate(L.Callback):
         self.step_size = torch.as_tensor(step_size, dtype=torch.float32)
         self.epochs_per_iteration, self.max_multiplier, self.evaluator = epochs_per_iteration, max_multiplier, evaluator
         self.rule, self.every_n_steps, self.beta = DUAL_STEPS[rule], every_n_steps, beta
-        self.uses_curvature = rule == "newton"
-        if self.uses_curvature:
+        # step_size None (NaN here): the projected rule sizes eta from the curvature at every dual step
+        self.sizes_steps = rule == "projected" and bool(torch.isnan(self.step_size).any())
+        self.uses_curvature = rule == "newton" or self.sizes_steps
+        if rule == "newton":
             self.rule = functools.partial(self.rule, trust_radius=trust_radius)
         self.iteration = 0
         self.history: list[dict] = []
@@ -119,11 +121,15 @@ class DualUpdate(L.Callback):
         hessian = None
         if self.uses_curvature:
             if sample.scatter is None:
-                raise RuntimeError("the Newton dual step needs an estimator that measures the covariance of g")
+                raise RuntimeError("the Newton dual step and a step size of None need an estimator that measures the "
+                                   "covariance of g")
             hessian = total_of(sample.scatter) / total_of(float(sample.dof)).clamp(min=1.0) / self.beta
         used = module.multipliers.detach().cpu().clone()
+        step_size = self.step_size
+        if self.sizes_steps:
+            step_size = curvature_step_sizes(self.step_size, hessian, slack, used)
         if self.update:
-            updated = self.rule(used, slack, self.step_size, self.max_multiplier, hessian=hessian)
+            updated = self.rule(used, slack, step_size, self.max_multiplier, hessian=hessian)
             if not torch.isfinite(updated).all():
                 raise FloatingPointError(f"multipliers became {updated.tolist()} at iteration {self.iteration + 1}")
             module.multipliers.copy_(updated.to(module.multipliers))
@@ -142,6 +148,8 @@ class DualUpdate(L.Callback):
         }
         if hessian is not None:
             record["hessian"] = hessian.tolist()
+        if self.sizes_steps:
+            record["step_size"] = step_size.tolist()
         if self.evaluator is not None:  # the policy of this iteration, measured by the task (exact/*, eval/*)
             record["evaluation"] = compact(self.evaluator(module.policy))
         self.history.append(record)
@@ -152,6 +160,8 @@ class DualUpdate(L.Callback):
             metrics[f"dual/lambda_{name}"] = record["multipliers"][i]
             metrics[f"dual/improvement_{name}"] = record["estimated_improvement"][i]
             metrics[f"dual/slack_{name}"] = record["estimated_slack"][i]
+            if self.sizes_steps:
+                metrics[f"dual/step_size_{name}"] = record["step_size"][i]
         if "evaluation" in record:
             metrics.update(flatten_metrics(record["evaluation"], self.evaluator.name, self.names))
         for logger in trainer.loggers:

@@ -129,8 +129,10 @@ ESTIMATORS = {"rollout": rollout_estimator, "exact": exact_estimator}
 
 
 def step_sizes(cfg) -> torch.Tensor:
-    return torch.tensor([c.step_size if c.step_size is not None else cfg.algorithm.step_size
-                         for c in cfg.constraints.values()])
+    """Each constraint's eta (or alpha): its own, else algorithm.step_size, else NaN: sized from the curvature at
+    every dual step (core/dual_steps.curvature_step_sizes)."""
+    chosen = [c.step_size if c.step_size is not None else cfg.algorithm.step_size for c in cfg.constraints.values()]
+    return torch.tensor([float("nan") if value is None else value for value in chosen])
 
 
 def initial_multipliers(context: RunContext, algorithm: AlgorithmSpec) -> torch.Tensor:
