@@ -26,7 +26,7 @@ BAD_VALUES = {
     "seed": st.one_of(not_a_number, st.floats(allow_nan=False).filter(lambda x: x != int(x) if math.isfinite(x) else True)),
     "optimizer.lr": bad_float,
     "optimizer.warmup_steps": st.one_of(st.integers(max_value=-1), not_a_number),
-    "optimizer.schedule": text.filter(lambda s: s not in ("constant", "cosine")),
+    "optimizer.schedule": text.filter(lambda s: s not in ("constant", "cosine", "cosine_per_iteration")),
     "algorithm.name": text.filter(lambda s: s not in ("caid", "one_shot", "fixed_lambda", "primal_dual")),
     "algorithm.iterations": st.one_of(non_positive_int, not_a_number),
     "algorithm.epochs_per_iteration": st.one_of(non_positive_int, not_a_number),

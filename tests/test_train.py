@@ -82,6 +82,28 @@ def test_exact_policy_step_with_exact_dual_estimates(make_cfg, tmp_path):
     assert summary["final"]["tv_to_optimum"] < 0.5 * start
 
 
+def test_the_exact_tasks_rate_anneals_within_each_iteration_and_restarts(make_cfg, monkeypatch):
+    """optimizer.schedule=cosine_per_iteration (the exact task's default): lr -> lr / 10 by each dual step, then back."""
+    import math
+
+    import lightning as L
+
+    from dualign.training import fit
+
+    rates = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    monkeypatch.setattr(fit, "extra_callbacks", [Record()])
+    cfg = make_cfg("algorithm.iterations=2", "algorithm.epochs_per_iteration=4", "algorithm.compare_one_shot=false")
+    assert cfg.optimizer.schedule == "cosine_per_iteration"
+    run(cfg)
+    shape = [0.1 + 0.45 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]  # one full-batch step an epoch
+    assert rates == pytest.approx([cfg.optimizer.lr * f for f in shape * 2])
+
+
 def test_cli_runs_the_fast_debug_config(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "debug=fast", f"hydra.run.dir={tmp_path / 'run'}",

@@ -54,7 +54,8 @@ class ThresholdType(StrEnum):
 
 class Schedule(StrEnum):
     constant = "constant"
-    cosine = "cosine"
+    cosine = "cosine"  # from lr to 0 over the whole run
+    cosine_per_iteration = "cosine_per_iteration"  # from lr to lr / 10 within each iteration, restarting at the next
 
 
 class KVCache(StrEnum):
@@ -124,7 +125,7 @@ class AlgorithmConfig:
     iterations: int = 6  # T dual iterations (trained once for iterations x epochs epochs where the algorithm is not iterative)
     epochs_per_iteration: int = 32  # E (the exact task's full-batch epochs are one optimiser step each)
     dual_prompts: int = 16  # Q prompts for the on-policy dual step
-    dual_samples: int = 1024  # K responses per prompt for the dual step
+    dual_samples: int = 4096  # K responses per prompt for the dual step
     dual_estimator: DualEstimator = DualEstimator.rollout
     max_multiplier: Optional[float] = None
     compare_one_shot: bool = True  # also train one_shot on the same instance and report it beside (caid)
@@ -190,7 +191,8 @@ class PolicyStepConfig:
 
 @dataclass
 class ReferenceConfig:
-    samples_per_prompt: int = 4096  # pi_ref rollouts per prompt: DPO pairs, E_ref[g] and the one-shot dual
+    # pi_ref rollouts per prompt: DPO pairs, E_ref[g] and the one-shot dual (text tasks: conf/sizes/text.yaml)
+    samples_per_prompt: int = 16384
     prompts: Optional[int] = None  # how many training prompts get pi_ref rollouts (None: all; paper: 1000)
 
     def check(self, cfg: "TrainConfig") -> None:
@@ -255,7 +257,7 @@ class OptimizerConfig:
     lr: float = 4.0e-3
     weight_decay: float = 0.0
     warmup_steps: int = 0
-    schedule: Schedule = Schedule.constant  # cosine: over the whole run
+    schedule: Schedule = Schedule.constant  # the exact task: cosine_per_iteration (conf/sizes/exact.yaml)
     fused: Optional[bool] = None  # fused AdamW; None: where the parameters support it and it can be clipped
 
     def check(self, cfg: "TrainConfig") -> None:

@@ -97,6 +97,8 @@ class AlignmentModule(L.LightningModule):
             fused = fused_adamw_supported(params) and not clips_under_mixed_precision(self.trainer)
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
         total = max(1, self.trainer.estimated_stepping_batches)
+        # optimiser steps an iteration (between two dual steps): cosine_per_iteration restarts after each
+        per_iteration = max(1, round(total * self.epochs_per_iteration / max(1, self.trainer.max_epochs)))
 
         def factor(step):
             if step < cfg.warmup_steps:
@@ -104,6 +106,11 @@ class AlignmentModule(L.LightningModule):
             if cfg.schedule == "cosine":
                 progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
                 return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+            if cfg.schedule == "cosine_per_iteration":
+                # Adam at a constant rate does not settle: its policy keeps jumping (TV to pi_lambda 0.03 -> 0.08
+                # within 4 steps); the dual step measures, and the run returns, the policy at an iteration's end
+                progress = (step % per_iteration) / per_iteration
+                return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
             return 1.0
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
