@@ -19,9 +19,15 @@ TOLERANCE = 0.1  # |achieved - b| <= 0.1 b
 START = {"": "warm start (lambda_0 = one-shot lambda*)", "_cold": "cold start (lambda_0 = 0)"}
 
 
+HALF_NEWTON = "half newton (default)"  # the projected rule with algorithm.step_size null
+ADAPTIVE = ("newton", HALF_NEWTON)
+
+
 def rule_of(run: dict) -> str:
     algorithm = run["config"]["algorithm"]
-    return "newton" if algorithm["dual_rule"] == "newton" else f"fixed eta={algorithm['step_size']:g}"
+    if algorithm["dual_rule"] == "newton":
+        return "newton"
+    return HALF_NEWTON if algorithm["step_size"] is None else f"fixed eta={algorithm['step_size']:g}"
 
 
 def iterations_to_reach(run: dict) -> int | None:
@@ -39,7 +45,8 @@ def table(runs: list[dict]) -> tuple[dict, list[float], list[str], int]:
     for run in runs:
         cells[(rule_of(run), run["threshold"][0])][run["config"]["seed"]] = iterations_to_reach(run)
     thresholds = sorted({b for _, b in cells})
-    rules = sorted({rule for rule, _ in cells}, key=lambda r: (r != "newton", float(r.split("=")[-1]) if "=" in r else 0))
+    order = lambda r: (ADAPTIVE.index(r) if r in ADAPTIVE else 2, float(r.split("=")[-1]) if "=" in r else 0)  # noqa: E731
+    rules = sorted({rule for rule, _ in cells}, key=order)
     horizon = max(run["config"]["algorithm"]["iterations"] for run in runs)
     return {key: [seeds[s] for s in sorted(seeds)] for key, seeds in cells.items()}, thresholds, rules, horizon
 
@@ -49,7 +56,7 @@ def mean_iterations(values: list[int | None], horizon: int) -> float:
 
 
 def section(folder: Path, docs: Path, suffix: str) -> list[str]:
-    runs = [run for part in ("newton", "fixed") for run in load_runs(folder / f"{part}{suffix}")]
+    runs = [run for part in ("newton", "auto", "fixed") for run in load_runs(folder / f"{part}{suffix}")]
     if not runs:
         return []
     cells, thresholds, rules, horizon = table(runs)
@@ -68,7 +75,7 @@ def section(folder: Path, docs: Path, suffix: str) -> list[str]:
     fig, axis = plt.subplots(figsize=(6.4, 4))
     for rule in rules:
         axis.plot(thresholds, [mean_iterations(cells[(rule, b)], horizon) for b in thresholds], marker="o", label=rule,
-                  linewidth=2.5 if rule == "newton" else 1.2)
+                  linewidth=2.5 if rule in ADAPTIVE else 1.2)
     axis.axhline(horizon + 1, color="grey", linestyle=":", label=f"not within {horizon}")
     axis.set(xlabel="threshold b", ylabel=f"iterations to |a - b| <= {TOLERANCE:g} b (mean of seeds)",
              title=START[suffix])
@@ -78,31 +85,35 @@ def section(folder: Path, docs: Path, suffix: str) -> list[str]:
 
 
 def claims(cells: dict, thresholds: list[float], rules: list[str], horizon: int) -> list[str]:
-    fixed = [r for r in rules if r != "newton"]
-    if "newton" not in rules or not fixed:
-        return []
-    no_more, far_fewer = [], []
-    for b in thresholds:
-        newton = mean_iterations(cells[("newton", b)], horizon)
-        means = [mean_iterations(cells[(r, b)], horizon) for r in fixed if (r, b) in cells]
-        no_more.append(newton <= min(means))
-        far_fewer.append(max(means) - newton)
-    return [f"- Newton needs no more iterations (mean of seeds) than the best fixed step at "
-            f"{sum(no_more)} of {len(thresholds)} thresholds"
-            + ("" if all(no_more) else f" (not at b = {', '.join(f'{b:g}' for b, ok in zip(thresholds, no_more) if not ok)})")
-            + ".",
-            f"- It needs {np.mean(far_fewer):.2f} fewer iterations than the worst fixed step on average over the "
-            f"thresholds (from {min(far_fewer):.2f} to {max(far_fewer):.2f})."]
+    """For each rule that sizes its own step: at how many thresholds it needs no more iterations than the best fixed
+    step, and how many fewer than the worst."""
+    fixed = [r for r in rules if r not in ADAPTIVE]
+    lines = []
+    for rule in (r for r in ADAPTIVE if r in rules and fixed):
+        no_more, far_fewer = [], []
+        for b in thresholds:
+            own = mean_iterations(cells[(rule, b)], horizon)
+            means = [mean_iterations(cells[(r, b)], horizon) for r in fixed if (r, b) in cells]
+            no_more.append(own <= min(means))
+            far_fewer.append(max(means) - own)
+        missed = [f"{b:g}" for b, ok in zip(thresholds, no_more) if not ok]
+        lines += [f"- {rule}: no more iterations (mean of seeds) than the best fixed step at {sum(no_more)} of "
+                  f"{len(thresholds)} thresholds" + (f" (not at b = {', '.join(missed)})" if missed else "") + "; "
+                  f"{np.mean(far_fewer):.2f} fewer than the worst fixed step on average over the thresholds (from "
+                  f"{min(far_fewer):.2f} to {max(far_fewer):.2f})."]
+    return lines
 
 
 def main(folder: Path, docs: Path) -> None:
     docs.mkdir(parents=True, exist_ok=True)
     lines = ["# Newton vs the fixed dual step (exact task)", "",
              "Written by `python -m dualign.tools.dual_rule_report` from the runs of `bash sweeps/dual_rules.sh` "
-             "(CAID, default policy step, 6 iterations, exact evaluation after each; `algorithm.dual_rule=newton` "
-             "against `algorithm.step_size` 0.3, 1 (the default) and 3). Newton's step is lambda - H^-1 u with "
-             "H = Cov(g) / beta from the same on-policy samples as the slack u, projected onto lambda >= 0 and "
-             "limited to a trust region (docs/method.md section 3).", ""]
+             "(CAID, default policy step, 6 iterations, exact evaluation after each): `algorithm.dual_rule=newton`, "
+             "the default projected step of half a Newton step (`algorithm.step_size` null) and the fixed "
+             "`algorithm.step_size` 0.3, 1 (the default before half Newton) and 3. Newton's step is lambda - H^-1 u "
+             "with H = Cov(g) / beta from the same on-policy samples as the slack u, projected onto lambda >= 0 and "
+             "limited to a trust region; half Newton is eta_i = 1 / (2 H_ii) in the same trust region "
+             "(docs/method.md section 3.1).", ""]
     for suffix in START:
         lines += section(folder, docs, suffix)
     (docs / "dual_rules.md").write_text("\n".join(lines))
