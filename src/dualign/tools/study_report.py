@@ -258,7 +258,10 @@ def step_description(parts: dict) -> str:
     step, algorithm = cfg["policy_step"], cfg["algorithm"]
     return (f"dpo, pairs={step['pairs']}, group_size={step['group_size']}, batch_size={step['batch_size']}, "
             f"{cfg['reference']['samples_per_prompt']} pi_ref samples a prompt, lr {cfg['optimizer']['lr']:g} "
-            f"({cfg['optimizer']['schedule']}), {algorithm['iterations']} iterations x {algorithm['epochs_per_iteration']} epochs")
+            f"({cfg['optimizer']['schedule']}), {algorithm['iterations']} iterations x {algorithm['epochs_per_iteration']} epochs; "
+            f"dual step on {algorithm['dual_prompts']} prompts x {algorithm['dual_samples']} samples, "
+            + ("half a Newton step" if algorithm["step_size"] is None else f"eta {algorithm['step_size']:g}")
+            + f"; rollouts: generation.backend={cfg['generation']['backend']}")
 
 
 def main(study: str, docs_dir: str) -> None:
