@@ -33,6 +33,16 @@ def response_logprobs(
     return torch.where(mask, token_logprobs, torch.zeros_like(token_logprobs)).sum(-1)
 
 
+def row_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
+                 allowed_token_ids: torch.Tensor | None = None, group_logprobs=None) -> torch.Tensor:
+    """log pi(y|x) of full rows [B, T] under model, [B]: the task's own computation where it has one
+    (Task.group_logprobs: rows that share prefixes, read off one walk of their tree), else a forward pass."""
+    if group_logprobs is not None:
+        return group_logprobs(model, input_ids)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    return response_logprobs(logits, input_ids, response_mask, allowed_token_ids)
+
+
 def preference_probability(
     reward: torch.Tensor, utility: torch.Tensor, multipliers: torch.Tensor
 ) -> torch.Tensor:

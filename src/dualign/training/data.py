@@ -9,7 +9,7 @@ import logging
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from dualign.core.dpo import response_logprobs
+from dualign.core.dpo import row_logprobs
 from dualign.errors import ConfigError
 from dualign.util import distributed, seeds
 from dualign.util.progress import bar
@@ -90,11 +90,8 @@ def sequence_logprobs(model, input_ids, attention_mask, response_mask, allowed_t
             width = int(attention_mask[part].sum(-1).max())  # right padding: columns past the longest row are padding
             ids, mask = input_ids[part, :width].to(device), attention_mask[part, :width].to(device)
             with autocast:  # the whole step as training runs it, log-softmax included
-                if group_logprobs is not None:
-                    logps = group_logprobs(model, ids)
-                else:
-                    logits = model(input_ids=ids, attention_mask=mask).logits
-                    logps = response_logprobs(logits, ids, response_mask[part, :width].to(device), allowed_token_ids)
+                logps = row_logprobs(model, ids, mask, response_mask[part, :width].to(device), allowed_token_ids,
+                                     group_logprobs)
                 out.append(logps.float().cpu())
             progress.update(ids.shape[0])
     return torch.cat(out)

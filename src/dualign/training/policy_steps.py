@@ -15,6 +15,7 @@ from dualign.core.dpo import (
     listwise_loss,
     preference_probability,
     response_logprobs,
+    row_logprobs,
 )
 from dualign.core.duality import composite_reward
 from dualign.util import seeds
@@ -73,11 +74,8 @@ class GroupDPOStep:
         width = int(batch["attention_mask"].sum(-1).max())  # right-padded to the dataset's longest row
         rows = lambda t: t[..., :width].reshape(-1, width)[filled]  # noqa: E731
         input_ids = rows(batch["input_ids"])
-        if self.group_logprobs is not None:
-            logps = self.group_logprobs(policy, input_ids)
-        else:
-            logits = policy(input_ids=input_ids, attention_mask=rows(batch["attention_mask"])).logits
-            logps = response_logprobs(logits, input_ids, rows(batch["response_mask"]), self.allowed_token_ids)
+        logps = row_logprobs(policy, input_ids, rows(batch["attention_mask"]), rows(batch["response_mask"]),
+                             self.allowed_token_ids, self.group_logprobs)
         logps = torch.zeros(count.numel(), dtype=logps.dtype, device=logps.device).masked_scatter(filled, logps)
         log_ratio = logps.view(count.shape) - batch["ref_logps"]
         composite = composite_reward(batch["reward"], batch["utility"].movedim(1, 0), multipliers.float())
