@@ -220,9 +220,11 @@ def test_newton_dual_step_inside_the_bounds_is_lambda_minus_h_inverse_u_and_the_
                           multipliers - torch.linalg.solve(hessian, slack), atol=1e-9)
     nearly_flat = torch.tensor([[1e-9]])  # a constraint the samples hardly vary on: the step stops at the region
     assert torch.allclose(newton_dual_step(torch.tensor([0.5]), torch.tensor([-0.3]), hessian=nearly_flat),
-                          torch.tensor([1.5]))
+                          torch.tensor([2.5]))  # default region: a move of at most max(2, 2 lambda)
     assert torch.allclose(newton_dual_step(torch.tensor([4.0]), torch.tensor([-0.3]), hessian=nearly_flat),
-                          torch.tensor([8.0]))  # default region: at most double lambda
+                          torch.tensor([12.0]))  # at most triple lambda
+    assert torch.allclose(newton_dual_step(torch.tensor([4.0]), torch.tensor([-0.3]), hessian=nearly_flat,
+                                           trust_radius=0.5), torch.tensor([4.5]))  # algorithm.trust_radius
     assert torch.allclose(newton_dual_step(torch.tensor([4.0]), torch.tensor([-0.3]), 1.0, 5.0, nearly_flat),
                           torch.tensor([5.0]))  # and never past max_multiplier
     with pytest.raises(ValueError, match="Hessian"):
@@ -246,10 +248,13 @@ def test_curvature_step_sizes_are_half_newton_where_unset_and_bounded_by_the_tru
     set_and_unset = torch.tensor([0.3, float("nan")])
     sizes = curvature_step_sizes(set_and_unset, hessian, torch.tensor([0.1, -0.2]), torch.tensor([1.0, 2.0]))
     assert torch.allclose(sizes, torch.tensor([0.3, 0.5 / 0.5]))  # a set eta stays; unset: 1 / (2 H_ii)
-    # a constraint the samples barely vary on: the move is max(1, lambda), not u / 1e-9
+    # a constraint the samples barely vary on: the move is max(2, 2 lambda), not u / 1e-9
     flat = curvature_step_sizes(torch.tensor([float("nan")]), torch.tensor([[1e-9]]), torch.tensor([-0.4]),
                                 torch.tensor([3.0]))
-    assert projected_dual_step(torch.tensor([3.0]), torch.tensor([-0.4]), flat).item() == pytest.approx(6.0)
+    assert projected_dual_step(torch.tensor([3.0]), torch.tensor([-0.4]), flat).item() == pytest.approx(9.0)
+    configured = curvature_step_sizes(torch.tensor([float("nan")]), torch.tensor([[1e-9]]), torch.tensor([-0.4]),
+                                      torch.tensor([3.0]), trust_radius=0.5)  # algorithm.trust_radius reads here too
+    assert projected_dual_step(torch.tensor([3.0]), torch.tensor([-0.4]), configured).item() == pytest.approx(3.5)
 
 
 def test_half_newton_steps_converge_on_the_plug_in_dual_for_every_beta_where_a_fixed_eta_oscillates():

@@ -134,7 +134,7 @@ class AlgorithmConfig:
     # half a Newton step, eta_i = beta / (2 Var(g_i)) from each dual step's own samples (core/dual_steps.py)
     step_size: Optional[float] = None
     dual_rule: DualRule = DualRule.projected
-    trust_radius: Optional[float] = None  # newton: the largest move of a multiplier per step (None: max(1, max lambda))
+    trust_radius: Optional[float] = None  # newton, half newton: the largest move of a multiplier a step (None: max(2, 2 lambda))
     merge_weight: Optional[float] = None  # sacpo: P-SACPO's q, weights reward-aligned + q (final - reward-aligned)
     # pecaid: epochs of each objective's pre-alignment DPO; the exact task's 192 are CAID's whole run (6 x 32), as it too
     # fits a tilt of pi_ref (at 48 the implicit rewards correlate 0.944 with the tables and PeCAID fell 19% short of

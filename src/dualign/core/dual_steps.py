@@ -12,18 +12,29 @@ import torch
 NEWTON_FRACTION = 0.5  # the step size None gives: this fraction of a Newton step (see curvature_step_sizes)
 
 
+def trust_radii(multipliers: torch.Tensor, configured: float | None = None) -> torch.Tensor:
+    """The largest move of each multiplier in one curvature-sized step (Newton, half Newton): `configured`
+    (algorithm.trust_radius), else max(2, 2 lambda_i), so a step at most triples lambda_i or moves it by 2 from 0.
+    It keeps a noisy or nearly singular curvature (a constraint the samples hardly vary on) from throwing lambda far.
+    On the exact task's plant from lambda_0 = 0 (benchmarks/dual_controllers.py) the earlier max(1, lambda_i) cost
+    Newton an iteration at b >= 1.35; no region at all gains little more and leaves a noisy curvature unguarded."""
+    if configured is not None:
+        return torch.full_like(multipliers, float(configured))
+    return (2.0 * multipliers).clamp(min=2.0)
+
+
 def curvature_step_sizes(step_size: torch.Tensor, hessian: torch.Tensor, slack: torch.Tensor,
-                         multipliers: torch.Tensor, fraction: float = NEWTON_FRACTION) -> torch.Tensor:
+                         multipliers: torch.Tensor, fraction: float = NEWTON_FRACTION,
+                         trust_radius: float | None = None) -> torch.Tensor:
     """The projected rule's eta where it is not set (NaN entries): eta_i = fraction / H_ii, H = Cov(g) / beta the dual's
     curvature measured with the slack. Near lambda*, u_i ~ H_ii (lambda_i - lambda*_i), so a step of eta leaves
     (1 - eta H_ii) of the error: a fixed eta that suits one beta overshoots at a smaller one (eta H = 1.45 at beta 0.5
     on the default exact task with eta 1). Half a Newton step halves the error per step and passes on the slack's
-    sampling noise as sd(u) / sqrt(3) in the improvement, against sd(u) for a full Newton step. The move is limited
-    to max(1, lambda_i), the Newton rule's trust region, so a constraint the samples barely vary on cannot throw
-    lambda far."""
+    sampling noise as sd(u) / sqrt(3) in the improvement, against sd(u) for a full Newton step. The move stays inside
+    the Newton rule's trust region (`trust_radii`)."""
     curvature = hessian.reshape(slack.numel(), slack.numel()).diagonal().to(slack.dtype)
     auto = fraction / curvature.clamp(min=1e-12)
-    radius = multipliers.to(slack.dtype).clamp(min=1.0)
+    radius = trust_radii(multipliers.to(slack.dtype), trust_radius)
     auto = torch.minimum(auto, radius / slack.abs().clamp(min=1e-12))
     step_size = torch.as_tensor(step_size, dtype=slack.dtype)
     return torch.where(torch.isnan(step_size), auto, step_size)
@@ -77,9 +88,9 @@ def newton_dual_step(
     # stays solvable, and the trust region bounds the step it allows
     ridge = 1e-9 * (1.0 + curvature.diagonal().abs().mean())
     curvature = curvature + ridge * torch.eye(lam.numel(), dtype=torch.float64)
-    radius = max(1.0, float(lam.max())) if trust_radius is None else float(trust_radius)
-    lower = torch.maximum(-lam, torch.full_like(lam, -radius))
-    upper = torch.full_like(lam, radius)
+    radius = trust_radii(lam, trust_radius)
+    lower = torch.maximum(-lam, -radius)
+    upper = radius
     if max_multiplier is not None:
         upper = torch.minimum(upper, max_multiplier - lam)
     step = box_qp(curvature, gradient, lower, upper)

@@ -62,6 +62,7 @@ class DualUpdate(L.Callback):
         # step_size None (NaN here): the projected rule sizes eta from the curvature at every dual step
         self.sizes_steps = rule == "projected" and bool(torch.isnan(self.step_size).any())
         self.uses_curvature = rule == "newton" or self.sizes_steps
+        self.trust_radius = trust_radius  # Newton's and half Newton's (None: core/dual_steps.trust_radii's default)
         if rule == "newton":
             self.rule = functools.partial(self.rule, trust_radius=trust_radius)
         self.iteration = 0
@@ -127,7 +128,7 @@ class DualUpdate(L.Callback):
         used = module.multipliers.detach().cpu().clone()
         step_size = self.step_size
         if self.sizes_steps:
-            step_size = curvature_step_sizes(self.step_size, hessian, slack, used)
+            step_size = curvature_step_sizes(self.step_size, hessian, slack, used, trust_radius=self.trust_radius)
         if self.update:
             updated = self.rule(used, slack, step_size, self.max_multiplier, hessian=hessian)
             if not torch.isfinite(updated).all():
