@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # SACPO against CAID, one-shot and the exact frontier on the exact task (issue 14): SACPO at lambda* / 2, lambda* and
-# 2 lambda* (lambda* = 1.1243, the exact optimum's multiplier at the default b = 0.5, which `python train.py` prints),
+# 2 lambda* (lambda* = 1.1243: the exact optimum's multiplier at the default b = 0.5 on the machine that chose the grid;
+# `python train.py` prints your machine's, 1.1222 on the one of docs/family.md),
 # and P-SACPO's merge at q = 0.5 from 2 lambda*, over seeds 0-2; PeCAID at b = 0.35, 0.85, 1.35 x seeds 0-2. CAID's
 # and one-shot's points come from the study's threshold runs (bash sweeps/study.sh, part thresholds), the same
 # instances; PeCAID from PKU-SafeRLHF's own labels on experiment=pku_safety_tiny (b = 0.06, 0.09, 0.12 in implicit
-# units x seeds 0-2). The reports write docs/family.md with its PNG and docs/pecaid_text.md. About 40 minutes on 2 CPU
-# cores.
+# units x seeds 0-2). The reports write docs/family.md with its PNG and docs/pecaid_text.md. About 25 minutes on 2 CPU
+# cores (PeCAID's pre-aligned models, about a minute each, are cached per seed).
 #   ONLY=pecaid_text bash sweeps/family.sh   # one part (ONLY: any of sacpo p_sacpo pecaid pecaid_text), its report
 #   bash sweeps/family.sh            # run, then report
 #   bash sweeps/family.sh report     # only regenerate docs/family.md

@@ -105,6 +105,12 @@ def pecaid_text_section(runs: list[dict]) -> list[str]:
     return lines
 
 
+def exact_multiplier(runs: list[dict]) -> str:
+    """The exact lambda* at b = 0.5 of the instance the SACPO runs trained on (their summaries carry the optimum)."""
+    values = {round(run["optimum"]["multipliers"][0], 4) for run in runs if run.get("optimum")}
+    return " / ".join(f"{v:.4f}" for v in sorted(values)) or "unknown"
+
+
 def main(family: Path, thresholds: Path, docs: Path) -> None:
     docs.mkdir(parents=True, exist_ok=True)
     sacpo = load_runs(family / "sacpo") + load_runs(family / "p_sacpo")
@@ -131,7 +137,8 @@ def main(family: Path, thresholds: Path, docs: Path) -> None:
                                                 run["one_shot"]["final"]["reward"], None))
     lines = ["# SACPO, CAID and one-shot against the exact frontier (exact task)", "",
              "Written by `python -m dualign.tools.family_report` from `bash sweeps/family.sh` (SACPO at lambda* / 2, "
-             "lambda*, 2 lambda*, lambda* = 1.1243 the exact multiplier at b = 0.5, and P-SACPO's merge at q = 0.5 "
+             "lambda*, 2 lambda*, lambda* = 1.1243 the exact multiplier at b = 0.5 where the grid was chosen, "
+             f"{exact_multiplier(sacpo)} on the machine of these runs, and P-SACPO's merge at q = 0.5 "
              "from 2 lambda*; each stage 48 epochs) and the study's threshold runs (CAID and one-shot). Means and "
              "standard deviations over seeds 0-2. 'Below the frontier': the exact optimum's E[r] at the same "
              "improvement minus the run's E[r] (0 on the frontier). For SACPO, pi_lambda is where its stages lead "
