@@ -3,8 +3,8 @@
 # how many CAID iterations the policy's exact improvement is within 10% of b, over the study's 7 thresholds x 3 seeds,
 # with the fixed step at eta = 1 (the default before half Newton) and at x0.3 and x3. Each part is a Hydra multirun
 # of train.py (MLflow experiment dual-rules-<part>); the report reads their summary.json files and writes
-# docs/dual_rules.md with a PNG. About 25 minutes on 2 CPU cores for the warm start (lambda_0 = the one-shot
-# lambda*, the default); ONLY="newton_cold auto_cold fixed_cold" runs the same from lambda_0 = 0.
+# docs/dual_rules.md with a PNG. About 26 minutes on 2 CPU cores for the warm start (lambda_0 = the one-shot lambda*,
+# the default); ONLY="newton_cold auto_cold fixed_cold" runs the same from lambda_0 = 0 (about 28 minutes).
 #   bash sweeps/dual_rules.sh            # warm start: newton, auto (half Newton), fixed
 #   bash sweeps/dual_rules.sh report     # only regenerate docs/dual_rules.md from existing runs
 #   DUAL_RULES_GRID="constraints.safety.threshold=0.35,0.85,1.35 seed=0" ONLY="newton_cold auto_cold fixed_cold" \

@@ -2,8 +2,11 @@
 
     python -m dualign.tools.dual_rule_report outputs/dual_rules docs
 
-For every run, the first CAID iteration whose policy has an exact improvement within 10% of b (the runs evaluate
-every iteration by enumeration); a run that never gets there counts as "never" and, in means, as T + 1.
+For every run, the first CAID iteration whose policy has an exact improvement within 10% of b (the issue's measure),
+and within 3% (issue 16's bar: from the one-shot warm start every rule is within 10% at iteration 1, so only the
+tighter one tells rules apart there); the runs evaluate every iteration by enumeration, and a run that never gets
+there counts as "never" and, in means, as T + 1. Then what the rule leaves once settled: the mean |a - b| / b over
+iterations 4 to T (the estimate's noise passed on, or an oscillation).
 """
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ import numpy as np
 from dualign.tools.study_report import _plt, _save, load_runs
 
 TOLERANCE = 0.1  # |achieved - b| <= 0.1 b
+TOLERANCES = (TOLERANCE, 0.03)
+SETTLED_FROM = 4  # the settled error averages iterations 4..T
 START = {"": "warm start (lambda_0 = one-shot lambda*)", "_cold": "cold start (lambda_0 = 0)"}
 
 
@@ -30,20 +35,29 @@ def rule_of(run: dict) -> str:
     return HALF_NEWTON if algorithm["step_size"] is None else f"fixed eta={algorithm['step_size']:g}"
 
 
-def iterations_to_reach(run: dict) -> int | None:
-    """The first iteration (1-based) whose policy is within TOLERANCE b of b on every constraint; None if none is."""
-    for record in run["trajectory"]:
-        improvement, threshold = record["evaluation"]["improvement"], run["threshold"]
-        if all(abs(a - b) <= TOLERANCE * abs(b) for a, b in zip(improvement, threshold)):
+def relative_errors(run: dict) -> list[float]:
+    """max over constraints of |a - b| / b, per iteration."""
+    return [max(abs(a - b) / abs(b) for a, b in zip(record["evaluation"]["improvement"], run["threshold"]))
+            for record in run["trajectory"]]
+
+
+def iterations_to_reach(run: dict, tolerance: float = TOLERANCE) -> int | None:
+    """The first iteration (1-based) whose policy is within tolerance b of b on every constraint; None if none is."""
+    for record, error in zip(run["trajectory"], relative_errors(run)):
+        if error <= tolerance:
             return record["iteration"]
     return None
 
 
-def table(runs: list[dict]) -> tuple[dict, list[float], list[str], int]:
+def settled_error(run: dict) -> float:
+    return float(np.mean(relative_errors(run)[SETTLED_FROM - 1:]))
+
+
+def table(runs: list[dict], tolerance: float = TOLERANCE) -> tuple[dict, list[float], list[str], int]:
     """{(rule, b): [iterations or None per seed, in seed order]}, the thresholds, the rules and T."""
     cells = defaultdict(dict)
     for run in runs:
-        cells[(rule_of(run), run["threshold"][0])][run["config"]["seed"]] = iterations_to_reach(run)
+        cells[(rule_of(run), run["threshold"][0])][run["config"]["seed"]] = iterations_to_reach(run, tolerance)
     thresholds = sorted({b for _, b in cells})
     order = lambda r: (ADAPTIVE.index(r) if r in ADAPTIVE else 2, float(r.split("=")[-1]) if "=" in r else 0)  # noqa: E731
     rules = sorted({rule for rule, _ in cells}, key=order)
@@ -59,29 +73,40 @@ def section(folder: Path, docs: Path, suffix: str) -> list[str]:
     runs = [run for part in ("newton", "auto", "fixed") for run in load_runs(folder / f"{part}{suffix}")]
     if not runs:
         return []
-    cells, thresholds, rules, horizon = table(runs)
+    seeds = " ".join(str(s) for s in sorted({r["config"]["seed"] for r in runs}))
     cell = lambda values: " ".join("-" if v is None else str(v) for v in values)  # noqa: E731
-    lines = [f"## {START[suffix]}", "",
-             f"Iterations until |achieved - b| <= {TOLERANCE:g} b, per seed "
-             f"({' '.join(str(s) for s in sorted({r['config']['seed'] for r in runs}))}; `-`: not within {horizon}); mean "
-             f"with `-` counted as {horizon + 1}.", "",
-             "| b | " + " | ".join(rules) + " |", "|---" * (len(rules) + 1) + "|"]
-    for b in thresholds:
-        row = [f"{cell(cells[(r, b)])} (mean {mean_iterations(cells[(r, b)], horizon):.2f})" if (r, b) in cells
-               else "" for r in rules]
-        lines.append(f"| {b:g} | " + " | ".join(row) + " |")
-    lines += ["", *claims(cells, thresholds, rules, horizon), ""]
+    lines = [f"## {START[suffix]}", ""]
     plt = _plt()
-    fig, axis = plt.subplots(figsize=(6.4, 4))
-    for rule in rules:
-        axis.plot(thresholds, [mean_iterations(cells[(rule, b)], horizon) for b in thresholds], marker="o", label=rule,
-                  linewidth=2.5 if rule in ADAPTIVE else 1.2)
-    axis.axhline(horizon + 1, color="grey", linestyle=":", label=f"not within {horizon}")
-    axis.set(xlabel="threshold b", ylabel=f"iterations to |a - b| <= {TOLERANCE:g} b (mean of seeds)",
-             title=START[suffix])
+    fig, axes = plt.subplots(1, len(TOLERANCES), figsize=(11, 4))
+    for tolerance, axis in zip(TOLERANCES, axes):
+        cells, thresholds, rules, horizon = table(runs, tolerance)
+        lines += [f"Iterations until |achieved - b| <= {tolerance:g} b, per seed ({seeds}; `-`: not within {horizon}); "
+                  f"mean with `-` counted as {horizon + 1}.", "",
+                  "| b | " + " | ".join(rules) + " |", "|---" * (len(rules) + 1) + "|"]
+        for b in thresholds:
+            row = [f"{cell(cells[(r, b)])} (mean {mean_iterations(cells[(r, b)], horizon):.2f})" if (r, b) in cells
+                   else "" for r in rules]
+            lines.append(f"| {b:g} | " + " | ".join(row) + " |")
+        lines += ["", *claims(cells, thresholds, rules, horizon), ""]
+        for rule in rules:
+            axis.plot(thresholds, [mean_iterations(cells[(rule, b)], horizon) for b in thresholds], marker="o",
+                      label=rule, linewidth=2.5 if rule in ADAPTIVE else 1.2)
+        axis.axhline(horizon + 1, color="grey", linestyle=":", label=f"not within {horizon}")
+        axis.set(xlabel="threshold b", ylabel=f"iterations to |a - b| <= {tolerance:g} b (mean of seeds)",
+                 title=f"{START[suffix]}, within {tolerance:.0%}")
+    settled = defaultdict(list)
+    for run in runs:
+        settled[(rule_of(run), run["threshold"][0])].append(settled_error(run))
+    lines += [f"Settled: mean |achieved - b| / b over iterations {SETTLED_FROM}-{horizon}, mean of seeds.", "",
+              "| b | " + " | ".join(rules) + " |", "|---" * (len(rules) + 1) + "|"]
+    for b in thresholds:
+        lines.append(f"| {b:g} | " + " | ".join(f"{100 * np.mean(settled[(r, b)]):.1f}%" if (r, b) in settled else ""
+                                                for r in rules) + " |")
+    lines.append("| all | " + " | ".join(
+        f"{100 * np.mean([e for b in thresholds for e in settled.get((r, b), [])]):.1f}%" for r in rules) + " |")
     image = f"dual_rules{suffix}.png"
-    _save(fig, [axis], docs / image)
-    return lines + [f"![iterations to reach b]({image})", ""]
+    _save(fig, list(axes), docs / image)
+    return lines + ["", f"![iterations to reach b]({image})", ""]
 
 
 def claims(cells: dict, thresholds: list[float], rules: list[str], horizon: int) -> list[str]:
