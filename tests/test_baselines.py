@@ -145,6 +145,14 @@ def test_response_groups_merge_repeated_samples_and_score_each_response_once(mak
             assert torch.equal(groups["reward"][p, slot].expand(len(samples)), scores[0, samples])
 
 
+def test_a_cold_start_with_half_newton_steps_points_at_the_newton_rule(make_cfg, caplog):
+    """lambda_0 = 0 with the default damped step is slow from a cold start (docs/dual_rules.md): the run says so."""
+    with caplog.at_level("WARNING", logger="dualign"):
+        run(make_cfg("algorithm.initial_multiplier=0", "algorithm.iterations=1"))
+    assert any("starts at 0 with half-Newton" in r.getMessage() and "dual_rule=newton" in r.getMessage()
+               for r in caplog.records)
+
+
 def test_newton_rule_steps_by_the_on_policy_curvature(make_cfg, tmp_path):
     """algorithm.dual_rule=newton through the entry point: each step is lambda - u / H with H the within-prompt
     variance of g over beta from the same samples (one constraint, inside the trust region)."""

@@ -3,6 +3,7 @@ LightningModule and the Trainer. `train_policy` is called once per algorithm run
 comparison); what differs between algorithms comes from their spec (config/algorithms.py)."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from dualign.training.dual_callback import ConstraintSample, DualUpdate
 from dualign.training.module import AlignmentModule
 from dualign.training.policy_steps import DPOStep, ExactStep, GroupDPOStep, PolicyGradientStep
 from dualign.util import distributed, lifecycle, seeds, timing
+
+log = logging.getLogger("dualign")
 
 extra_callbacks: list[L.Callback] = []  # given to every Trainer of the process (tools/faults.py installs one)
 
@@ -138,14 +141,24 @@ def step_sizes(cfg) -> torch.Tensor:
 def initial_multipliers(context: RunContext, algorithm: AlgorithmSpec) -> torch.Tensor:
     """A constraint's own initial_multiplier, else algorithm.initial_multiplier, else the one-shot lambda* where the
     algorithm warm-starts, else 0."""
-    cfg, values = context.cfg, []
-    for i, constraint in enumerate(cfg.constraints.values()):
+    cfg, values, cold = context.cfg, [], []
+    for i, (name, constraint) in enumerate(cfg.constraints.items()):
         if constraint.initial_multiplier is not None:
             values.append(constraint.initial_multiplier)
         elif cfg.algorithm.initial_multiplier is not None:
             values.append(cfg.algorithm.initial_multiplier)
         else:
             values.append(context.one_shot[i].item() if algorithm.warm_start else 0.0)
+        # a 0 set by hand (not the one-shot lambda of an inactive constraint) under the default damped step
+        warm_zero = algorithm.warm_start and constraint.initial_multiplier is None \
+            and cfg.algorithm.initial_multiplier is None
+        if values[-1] == 0.0 and not warm_zero and constraint.step_size is None and cfg.algorithm.step_size is None:
+            cold.append(name)
+    if cold and algorithm.updates_multipliers and cfg.algorithm.dual_rule == "projected":
+        # docs/dual_rules.md, cold start: 5-6 iterations to 10% of b against Newton's 2-3
+        log.warning("lambda_%s starts at 0 with half-Newton dual steps (algorithm.step_size null), which are damped "
+                    "for a warm start and take several iterations to climb from 0; algorithm.dual_rule=newton gets "
+                    "there in 2-3", "/lambda_".join(cold))
     return torch.tensor(values, dtype=torch.float32)
 
 
