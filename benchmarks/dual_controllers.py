@@ -16,9 +16,9 @@ the mean |achieved - b| / b over iterations 4-6 (what noise leaves once settled)
 own error (beta KL about 0.007 sd to pi_lambda at the defaults); `bash sweeps/dual_rules.sh` measures those.
 
 The rules: the projected step at eta 0.3, 1 and 3; half a Newton step (the default, eta = beta / (2 Var g)); the
-trust-region Newton step (its default region max(2, 2 lambda), the earlier max(1, lambda), and none); and cooper's nuPI (Sohrabi et al., ICML 2024: lambda <- lambda - eta (K_I e_t + K_P
-(xi_t - xi_{t-1})), xi an EMA of the error e_t = u_t, here with its default K_I = 1 and nu = 0) at eta 1 with
-K_P 0.5 and 1, then projected onto lambda >= 0.
+trust-region Newton step (its default region max(2, 2 lambda), the earlier max(1, lambda), and none); and cooper's
+nuPI (Sohrabi et al., ICML 2024: lambda <- lambda - eta (K_I e_t + K_P (xi_t - xi_{t-1})), xi an EMA of the error
+e_t = u_t, here with its default K_I = 1 and nu = 0) at eta 1 with K_P 0.5 and 1, then projected onto lambda >= 0.
 """
 from __future__ import annotations
 
@@ -89,6 +89,7 @@ def run(instance: Instance, threshold: float, seed: int, cold: bool, iterations:
     reference_mean = ref_utility.mean(dim=(1, 2))
     initial = torch.zeros(1, dtype=torch.float64) if cold else \
         solve_dual(ref_reward, ref_utility, reference_mean, b, beta).multipliers
+    index = torch.arange(prompts).repeat_interleave(dual_samples)  # each dual sample's prompt
     out = {}
     for name, rule in rules(initial).items():
         lam, achieved = initial.clone(), []
@@ -97,7 +98,6 @@ def run(instance: Instance, threshold: float, seed: int, cold: bool, iterations:
             achieved.append(float((policy.exp() * utility[0]).sum(-1).mean() - exact_reference[0]))
             drawn = sample(policy, dual_samples, generator)
             g = utility.gather(2, drawn.expand(utility.shape[0], -1, -1)).reshape(utility.shape[0], -1)
-            index = torch.arange(prompts).repeat_interleave(dual_samples)
             scatter, dof = within_prompt_scatter(g, index)
             slack = g.mean(-1) - reference_mean - b
             lam = rule(lam, slack, scatter / dof / beta)

@@ -142,17 +142,17 @@ def initial_multipliers(context: RunContext, algorithm: AlgorithmSpec) -> torch.
     """A constraint's own initial_multiplier, else algorithm.initial_multiplier, else the one-shot lambda* where the
     algorithm warm-starts, else 0."""
     cfg, values, cold = context.cfg, [], []
+    curvature_sized = torch.isnan(step_sizes(cfg)).tolist()
     for i, (name, constraint) in enumerate(cfg.constraints.items()):
-        if constraint.initial_multiplier is not None:
-            values.append(constraint.initial_multiplier)
-        elif cfg.algorithm.initial_multiplier is not None:
-            values.append(cfg.algorithm.initial_multiplier)
+        chosen = constraint.initial_multiplier
+        chosen = cfg.algorithm.initial_multiplier if chosen is None else chosen
+        if chosen is None:
+            chosen = context.one_shot[i].item() if algorithm.warm_start else 0.0
+            by_hand = not algorithm.warm_start  # a warm start's 0 is the one-shot lambda of an inactive constraint
         else:
-            values.append(context.one_shot[i].item() if algorithm.warm_start else 0.0)
-        # a 0 set by hand (not the one-shot lambda of an inactive constraint) under the default damped step
-        warm_zero = algorithm.warm_start and constraint.initial_multiplier is None \
-            and cfg.algorithm.initial_multiplier is None
-        if values[-1] == 0.0 and not warm_zero and constraint.step_size is None and cfg.algorithm.step_size is None:
+            by_hand = True
+        values.append(chosen)
+        if chosen == 0.0 and by_hand and curvature_sized[i]:
             cold.append(name)
     if cold and algorithm.updates_multipliers and cfg.algorithm.dual_rule == "projected":
         # docs/dual_rules.md, cold start: 5-6 iterations to 10% of b against Newton's 2-3
