@@ -47,7 +47,7 @@ def test_smollm2_experiment_runs_offline_end_to_end(tmp_path, cache_dir):
     assert summary["final"]["prompts"] == 2
     policy = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "run" / "policy")  # base: the converted checkpoint
     assert policy.peft_config["default"].r == 8 and sorted(policy.peft_config["default"].target_modules) == \
-        ["k_proj", "o_proj", "q_proj", "v_proj"]
+        ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]  # all-linear: attention and MLP
     trained = [p for name, p in policy.named_parameters() if "lora_B" in name]
     assert any(p.abs().max() > 0 for p in trained)  # the adapters moved
     client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
