@@ -16,12 +16,13 @@ from dualign.models.rollout import sample_responses
 POLICY = ROOT / "tests" / "fixtures" / "tiny_models" / "policy"
 
 
+@pytest.mark.parametrize("native", [True, False])  # the C kernel (models/native.py) and the torch ops
 @pytest.mark.parametrize("spread", [8.0, 0.05])  # peaked: a nucleus of a few tokens; flat: of most of them
-def test_top_p_keeps_the_tokens_transformers_keeps(spread):
+def test_top_p_keeps_the_tokens_transformers_keeps(spread, native):
     torch.manual_seed(0)
     logits = torch.randn(6, 1000) * spread
     kept_by_transformers = torch.isfinite(TopPLogitsWarper(0.9)(None, logits.clone()))
-    draws = torch.stack([top_p_sample(logits, 1.0, 0.9) for _ in range(400)], dim=1)  # [6, 400]
+    draws = torch.stack([top_p_sample(logits, 1.0, 0.9, native) for _ in range(400)], dim=1)  # [6, 400]
     for row in range(6):
         assert kept_by_transformers[row, draws[row]].all()  # never outside the nucleus
     if spread > 1:  # a few tokens: each one of them is drawn, as often as its renormalised probability says

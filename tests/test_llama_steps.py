@@ -45,12 +45,31 @@ def _run(steps, prompts: list[list[int]]) -> list[torch.Tensor]:
 PROMPTS = [[5, 6, 7, 8, 9, 10], [3, 4], [11, 12, 13]]
 
 
+@pytest.mark.parametrize("native", [True, False])  # a decode step's attention in C (models/native.py) or torch
 @pytest.mark.parametrize("kind", ["llama", "llama_bias", "qwen2"])
-def test_steps_match_the_models_forward(kind):
+def test_steps_match_the_models_forward(kind, native):
     model = _model(kind)
     assert LlamaSteps.supports(model)
-    for ours, theirs in zip(_run(LlamaSteps(model), PROMPTS), _run(ModelSteps(model), PROMPTS)):
+    for ours, theirs in zip(_run(LlamaSteps(model, native=native), PROMPTS), _run(ModelSteps(model), PROMPTS)):
         torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_steps_with_smollm2_head_shapes(dtype):
+    """SmolLM2's attention shapes (head_dim 64, 3 query heads a key/value head: the C kernel's vector path) in both
+    dtypes: the C attention gives the torch path's logits."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=384, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(config).to(dtype).eval()
+    native, torch_path = _run(LlamaSteps(model), PROMPTS), _run(LlamaSteps(model, native=False), PROMPTS)
+    assert LlamaSteps(model).native is not None or pytest.skip("no C compiler here")
+    tolerance = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    for ours, theirs in zip(native, torch_path):
+        torch.testing.assert_close(ours.float(), theirs.float(), **tolerance)
+    if dtype == torch.float32:
+        for ours, theirs in zip(native, _run(ModelSteps(model), PROMPTS)):
+            torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=1e-4)
 
 
 def test_lora_adapters_are_folded_in_and_off_for_the_reference():

@@ -7,8 +7,8 @@ skips, not in what it samples:
   computed on as padding to the end;
 - only the last position's logits are computed during the prefill (not W x vocabulary of them);
 - top-p sampling draws from the whole distribution and draws again where the token fell outside the nucleus (no
-  softmax, top-k or sort of the vocabulary); the nucleus is transformers' TopPLogitsWarper's (the smallest set of
-  most likely tokens whose mass reaches top_p);
+  softmax, top-k or sort of the vocabulary; a C kernel on a CPU, models/native.py); the nucleus is transformers'
+  TopPLogitsWarper's (the smallest set of most likely tokens whose mass reaches top_p);
 - for Llama-family models, the steps are dualign's own (models/llama_steps.py): fused projections, a preallocated
   cache, LoRA folded into the weights.
 
@@ -23,11 +23,12 @@ import torch
 from transformers import DynamicCache
 
 from dualign.models.llama_steps import LlamaSteps, unwrap
+from dualign.models.native import TYPES, kernels
 
 BLOCK = 256  # tokens a block of the two-level inverse CDF
 
 
-def top_p_sample(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+def top_p_sample(logits: torch.Tensor, temperature: float, top_p: float, native: bool = True) -> torch.Tensor:
     """One token per row of logits [n, V] from softmax(logits / temperature) restricted to its top-p nucleus.
 
     Without sorting: a token is drawn from the whole distribution (a two-level inverse CDF: blocks of BLOCK tokens,
@@ -36,7 +37,11 @@ def top_p_sample(logits: torch.Tensor, temperature: float, top_p: float) -> torc
     outside draws again. Conditioned on being kept, a draw follows the distribution restricted to the nucleus, which
     is top-p sampling; the nucleus holds at least top_p of the mass, so a row draws about 1 / top_p times on average.
     Most draws are kept at sight (the other tokens weigh less than top_p in all); only the others are checked
-    against the whole vocabulary."""
+    against the whole vocabulary. On a CPU the C kernel of models/native.py does the same in one pass or two over
+    the logits (native=False: these torch ops, for other devices and as its reference in the tests)."""
+    library = kernels() if native and logits.device.type == "cpu" and logits.dtype in TYPES else None
+    if library is not None:
+        return library.top_p_sample(logits, temperature, top_p)
     probs = torch.softmax(logits if temperature == 1.0 else logits / temperature, -1, dtype=torch.float32)
     rows_count, vocabulary = probs.shape
     if vocabulary % BLOCK:

@@ -8,7 +8,9 @@ matrix products and a few element-wise ops a layer:
 - LoRA adapters (peft) are folded into those weights once a decode call (a module is linear in its input, so its
   effective weight is what it gives for the identity); an adapter-disabled view gives the base weights;
 - the KV cache is preallocated for prompt + new tokens and written in place;
-- grouped-query attention is two batched matrix products per key/value head, without repeating the keys;
+- a decode step's attention is one C pass over each row's written cache per key/value head, for all its query
+  heads, reading a prompt once for its K samples (models/native.py); the prefill's, and a step's where the kernel
+  cannot be built, is two batched matrix products per key/value head, without repeating the keys;
 - the rotary embedding's cos and sin come from a table computed once by the model's own rotary module;
 - RMSNorm is torch's fused `rms_norm` with the model's weight and epsilon, in float32 and cast back as transformers'.
 
@@ -21,6 +23,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
+
+from dualign.models.native import TYPES, kernels
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # inv_freq does not depend on the sequence length
@@ -61,7 +65,8 @@ class LlamaSteps:
             all(hasattr(norm, "variance_epsilon") for norm in (layer.input_layernorm, layer.post_attention_layernorm))
 
     @torch.no_grad()
-    def __init__(self, model, rows_hint: int = 64):
+    def __init__(self, model, rows_hint: int = 64, native: bool = True):
+        """native=False: a decode step's attention in torch too (the C kernel's reference in the tests)."""
         wrapper, base, adapters_on = unwrap(model)
         inner, config = base.model, base.config
         self.embed, self.norm = inner.embed_tokens, inner.norm
@@ -77,6 +82,7 @@ class LlamaSteps:
         self.cos = self.sin = torch.empty(0, self.head_dim, dtype=self.dtype, device=self.device)
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
+        self.native = kernels() if native and self.device.type == "cpu" and self.dtype in TYPES else None
 
     def _effective(self, module, width: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight [in, out], bias or None) of a module linear in its input, adapters included."""
@@ -114,6 +120,12 @@ class LlamaSteps:
         rows, width = input_ids.shape
         self.length = width + new_tokens
         self._rotary_table(int(positions.max()) + new_tokens + 1)
+        # the C attention skips each row's left padding (it needs prompts padded on the left only) and reads the
+        # prompt positions of the K samples of a prompt from one of them (`source`)
+        self.begin = width - mask.sum(1).to(torch.int64)
+        self.source, self.prompt_width = torch.arange(rows, device=self.device), width
+        left_padded = bool((mask.bool() == (torch.arange(width, device=mask.device) >= self.begin[:, None])).all())
+        self.use_native = self.native is not None and left_padded
         shape = (rows, self.kv_heads, self.length, self.head_dim)
         self.keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
@@ -141,12 +153,19 @@ class LlamaSteps:
         self.values = [v.repeat_interleave(times, 0) for v in self.values]
         self.padding = self.padding.repeat_interleave(times, 0)
         self.valid = self.valid.repeat_interleave(times, 0)
+        self.begin = self.begin.repeat_interleave(times, 0)
+        self.source = self.source.repeat_interleave(times, 0) * times  # the first copy of each
 
     def select(self, keep: torch.Tensor) -> None:
         """Keeps rows `keep` (the others ended)."""
         self.keys = [k[keep] for k in self.keys]
         self.values = [v[keep] for v in self.values]
-        self.padding, self.valid = self.padding[keep], self.valid[keep]
+        self.padding, self.valid, self.begin = self.padding[keep], self.valid[keep], self.begin[keep]
+        # rows that read their prompt from the same row hold the same prompt: the first kept one becomes the source
+        kept_sources = self.source[keep]
+        first = torch.full((int(kept_sources.max()) + 1,), len(keep), dtype=torch.int64, device=keep.device)
+        first.scatter_reduce_(0, kept_sources, torch.arange(len(keep), device=keep.device), "amin")
+        self.source = first[kept_sources]
 
     def _rotary_table(self, positions: int) -> None:
         """cos and sin [positions, head_dim] from the model's own rotary module, computed once for all steps."""
@@ -179,16 +198,22 @@ class LlamaSteps:
         group, end = heads // kv_heads, start + width
         qkv = layer["qkv"](_rms_norm(x, layer["input_norm"])).view(rows, width, heads + 2 * kv_heads, head_dim)
         rotated = _rotate(qkv[:, :, : heads + kv_heads], cos, sin)  # queries and keys in one pass
-        self.keys[index][:, :, start:end] = rotated[:, :, heads:].transpose(1, 2)
-        self.values[index][:, :, start:end] = qkv[:, :, heads + kv_heads :].transpose(1, 2)
-        # heads g*group .. g*group + group - 1 share key/value head g (transformers' repeat_kv order); the whole
-        # preallocated cache takes part, unwritten positions masked: a view of the first `end` positions is not
-        # contiguous, and bf16 batched products copy it. The score scaling is folded into the query weights.
-        queries = rotated[:, :, :heads].transpose(1, 2).reshape(rows, kv_heads, group * width, head_dim)
-        scores = queries @ self.keys[index].transpose(-1, -2)
-        scores = scores.view(rows, kv_heads, group, width, self.length).add_(bias).softmax(-1)
-        attended = scores.view(rows, kv_heads, group * width, self.length) @ self.values[index]
-        attended = attended.view(rows, heads, width, head_dim).transpose(1, 2).reshape(rows, width, heads * head_dim)
+        keys, values = self.keys[index], self.values[index]
+        keys[:, :, start:end] = rotated[:, :, heads:].transpose(1, 2)
+        values[:, :, start:end] = qkv[:, :, heads + kv_heads :].transpose(1, 2)
+        # heads g*group .. g*group + group - 1 share key/value head g (transformers' repeat_kv order). The score
+        # scaling is folded into the query weights.
+        if width == 1 and self.use_native:
+            queries = rotated[:, 0, :heads].reshape(rows, kv_heads, group, head_dim).contiguous()
+            attended = self.native.attend(queries, keys, values, self.begin, end, self.source, self.prompt_width)
+            attended = attended.view(rows, 1, heads * head_dim)
+        else:  # the whole preallocated cache takes part, unwritten positions masked: a view of the first `end`
+            # positions is not contiguous, and bf16 batched products copy it
+            queries = rotated[:, :, :heads].transpose(1, 2).reshape(rows, kv_heads, group * width, head_dim)
+            scores = queries @ keys.transpose(-1, -2)
+            scores = scores.view(rows, kv_heads, group, width, self.length).add_(bias).softmax(-1)
+            attended = scores.view(rows, kv_heads, group * width, self.length) @ values
+            attended = attended.view(rows, heads, width, head_dim).transpose(1, 2).reshape(rows, width, heads * head_dim)
         x = x + layer["o"](attended)
         gate, up = layer["gate_up"](_rms_norm(x, layer["post_norm"])).chunk(2, dim=-1)
         return x.add_(layer["down"](layer["act"](gate).mul_(up)))

@@ -1,0 +1,270 @@
+/* Two kernels of dualign's decode loop on a CPU (built and loaded by models/native.py): the attention of a decode
+   step over a preallocated KV cache (models/llama_steps.py), and top-p sampling (models/decode.py), at the end.
+
+   ---- attention ------------------------------------------------------------------------------------------------
+
+   Why: at a decode step each (row, key/value head) pair attends with only `group` query rows (3 for SmolLM2), and
+   torch's batched products for matrices this small run far below the memory bandwidth (about 240 us a layer for
+   2.4 MB of keys at batch 64, against about 80 us for the same product when the keys are in cache). Here one pass
+   over a pair's written keys and values serves all its query heads: the dot products, the softmax and the
+   weighted sum of values, in float32, over the positions [begin[row], end) only (left padding and the positions
+   not yet written are skipped, not masked).
+
+   Layouts (all contiguous):
+     queries, out: [rows, kv_heads, group, dim]   (the scaling is folded into the queries)
+     keys, values: [rows, kv_heads, length, dim]
+     begin:        [rows] int64, the first valid position of each row
+   Element types: float32 (attend_float32) and bfloat16 as uint16 (attend_bfloat16). The AVX-512 path is used
+   where the compiler targets it (-march=native on such a CPU), dim is a multiple of 64 and group at most 8; the
+   portable loops otherwise.
+   The K samples of a prompt share its prefill: `source[row]` names a row whose cache holds the same positions
+   below `shared` (the prompt), read from there, so that the prompt is read once for the K rows while it is in
+   cache. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_GROUP 8 /* query heads per key/value head on the AVX-512 path */
+#define BLOCK 4     /* 16-wide vectors of the value sums a pass (64 dimensions) */
+
+static inline float bf16_to_float(uint16_t x) {
+    uint32_t bits = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) { /* round to nearest even, as torch's conversion */
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40); /* NaN stays NaN */
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+/* softmax over s[first:end] in place, first < end (the maximum subtracted; the loops vectorise, expf included,
+   under -ffast-math, which also assumes no infinities: none is used) */
+static inline void softmax(float* s, int64_t first, int64_t end) {
+    float top = s[first], total = 0.0f;
+#pragma omp simd reduction(max : top)
+    for (int64_t l = first; l < end; ++l) top = s[l] > top ? s[l] : top;
+#pragma omp simd reduction(+ : total)
+    for (int64_t l = first; l < end; ++l) {
+        s[l] = expf(s[l] - top);
+        total += s[l];
+    }
+    const float scale = 1.0f / total;
+#pragma omp simd
+    for (int64_t l = first; l < end; ++l) s[l] *= scale;
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define VECTOR_PATH 1
+
+static inline __m512 load_bfloat16(const uint16_t* p, __mmask16 mask) {
+    __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+static inline __m512 load_float32(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
+static inline void store_bfloat16(uint16_t* p, __m512 x) { /* round to nearest even (finite values) */
+    __m512i bits = _mm512_castps_si512(x);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    bits = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+    _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+}
+static inline void store_float32(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
+
+/* One (row, kv head) pair; GROUP is a constant at each call site (see the dispatch), so the accumulators are
+   registers. Positions below `shared` are read from the pair's source (`shared_keys`, `shared_values`). */
+#define PAIR_VECTOR(NAME, T, LOAD, STORE)                                                                      \
+    static inline __attribute__((always_inline)) void NAME(                                                   \
+        const T* q, const T* keys, const T* values, const T* shared_keys, const T* shared_values, T* out,      \
+        int64_t first, int64_t shared, int64_t end, int64_t dim, const int GROUP, float* query, float* scores) { \
+        for (int64_t i = 0; i < GROUP * dim; i += 16) _mm512_storeu_ps(query + i, LOAD(q + i, 0xffff));        \
+        for (int64_t l = first; l < end; ++l) {                                                               \
+            const T* k = (l < shared ? shared_keys : keys) + l * dim;                                         \
+            __m512 acc[MAX_GROUP];                                                                             \
+            for (int h = 0; h < GROUP; ++h) acc[h] = _mm512_setzero_ps();                                      \
+            for (int64_t c = 0; c < dim; c += 16) {                                                           \
+                const __m512 kc = LOAD(k + c, 0xffff);                                                        \
+                for (int h = 0; h < GROUP; ++h)                                                                \
+                    acc[h] = _mm512_fmadd_ps(_mm512_loadu_ps(query + h * dim + c), kc, acc[h]);               \
+            }                                                                                                  \
+            for (int h = 0; h < GROUP; ++h) scores[h * end + l] = _mm512_reduce_add_ps(acc[h]);               \
+        }                                                                                                      \
+        for (int h = 0; h < GROUP; ++h) softmax(scores + h * end, first, end);                                \
+        for (int64_t c = 0; c < dim; c += 16 * BLOCK) { /* 64 dimensions at a time: BLOCK x GROUP sums */     \
+            __m512 acc[BLOCK][MAX_GROUP];                                                                      \
+            for (int b = 0; b < BLOCK; ++b)                                                                    \
+                for (int h = 0; h < GROUP; ++h) acc[b][h] = _mm512_setzero_ps();                               \
+            for (int64_t l = first; l < end; ++l) {                                                           \
+                const T* v = (l < shared ? shared_values : values) + l * dim + c;                             \
+                __m512 p[MAX_GROUP];                                                                           \
+                for (int h = 0; h < GROUP; ++h) p[h] = _mm512_set1_ps(scores[h * end + l]);                    \
+                for (int b = 0; b < BLOCK; ++b) {                                                              \
+                    const __m512 vb = LOAD(v + 16 * b, 0xffff);                                               \
+                    for (int h = 0; h < GROUP; ++h) acc[b][h] = _mm512_fmadd_ps(p[h], vb, acc[b][h]);         \
+                }                                                                                              \
+            }                                                                                                  \
+            for (int b = 0; b < BLOCK; ++b)                                                                    \
+                for (int h = 0; h < GROUP; ++h) STORE(out + h * dim + c + 16 * b, acc[b][h]);                  \
+        }                                                                                                      \
+    }
+PAIR_VECTOR(pair_vector_float32, float, load_float32, store_float32)
+PAIR_VECTOR(pair_vector_bfloat16, uint16_t, load_bfloat16, store_bfloat16)
+#else
+#define VECTOR_PATH 0
+#endif
+
+#define LOAD_FLOAT32(x) (x)
+#define STORE_FLOAT32(x) (x)
+#define LOAD_BFLOAT16(x) bf16_to_float(x)
+#define STORE_BFLOAT16(x) float_to_bf16(x)
+
+/* One (row, kv head) pair, any group and dim. */
+#define PAIR_PORTABLE(NAME, T, LOAD, STORE)                                                                    \
+    static void NAME(const T* q, const T* keys, const T* values, const T* shared_keys, const T* shared_values,  \
+                     T* out, int64_t first, int64_t shared, int64_t end, int64_t dim, int group, float* query,  \
+                     float* scores) {                                                                          \
+        for (int64_t i = 0; i < group * dim; ++i) query[i] = LOAD(q[i]);                                       \
+        for (int h = 0; h < group; ++h) {                                                                      \
+            float* s = scores + h * end;                                                                       \
+            const float* qh = query + h * dim;                                                                 \
+            for (int64_t l = first; l < end; ++l) {                                                           \
+                const T* k = (l < shared ? shared_keys : keys) + l * dim;                                     \
+                float dot = 0.0f;                                                                              \
+                _Pragma("omp simd reduction(+ : dot)") for (int64_t d = 0; d < dim; ++d) dot += qh[d] * LOAD(k[d]); \
+                s[l] = dot;                                                                                    \
+            }                                                                                                  \
+            softmax(s, first, end);                                                                            \
+            float* sum = query + h * dim; /* the query row is no longer needed */                              \
+            for (int64_t d = 0; d < dim; ++d) sum[d] = 0.0f;                                                  \
+            for (int64_t l = first; l < end; ++l) {                                                           \
+                const float p = s[l];                                                                          \
+                const T* v = (l < shared ? shared_values : values) + l * dim;                                 \
+                _Pragma("omp simd") for (int64_t d = 0; d < dim; ++d) sum[d] += p * LOAD(v[d]);              \
+            }                                                                                                  \
+            for (int64_t d = 0; d < dim; ++d) out[h * dim + d] = STORE(sum[d]);                               \
+        }                                                                                                      \
+    }
+PAIR_PORTABLE(pair_portable_float32, float, LOAD_FLOAT32, STORE_FLOAT32)
+PAIR_PORTABLE(pair_portable_bfloat16, uint16_t, LOAD_BFLOAT16, STORE_BFLOAT16)
+
+#if VECTOR_PATH
+#define CASE(TYPE, G)                                                                                          \
+    case G: pair_vector_##TYPE(q, k, v, sk, sv, o, first, shared, end, dim, G, query, scores); continue;
+#define DISPATCH(TYPE)                                                                                         \
+    if (vector) switch (group) { CASE(TYPE, 1) CASE(TYPE, 2) CASE(TYPE, 3) CASE(TYPE, 4) CASE(TYPE, 5)          \
+                                 CASE(TYPE, 6) CASE(TYPE, 7) CASE(TYPE, 8) }
+#else
+#define DISPATCH(TYPE)
+#endif
+
+#define ATTEND(TYPE, T)                                                                                        \
+    void attend_##TYPE(const T* queries, const T* keys, const T* values, const int64_t* begin,                 \
+                       const int64_t* source, T* out, int64_t rows, int64_t kv_heads, int64_t group,           \
+                       int64_t length, int64_t shared, int64_t end, int64_t dim, int threads) {                \
+        const int vector = VECTOR_PATH && dim % 64 == 0 && group <= MAX_GROUP;                                 \
+        (void)vector;                                                                                          \
+        _Pragma("omp parallel num_threads(threads)") {                                                         \
+            float* query = malloc(sizeof(float) * (size_t)(group * dim + group * end));                        \
+            float* scores = query + group * dim;                                                               \
+            _Pragma("omp for schedule(static)") for (int64_t pair = 0; pair < rows * kv_heads; ++pair) {       \
+                const int64_t row = pair / kv_heads, head = pair % kv_heads, first = begin[row];               \
+                const int64_t from = (source[row] * kv_heads + head) * length * dim;                           \
+                const T* q = queries + pair * group * dim;                                                     \
+                const T *k = keys + pair * length * dim, *v = values + pair * length * dim;                    \
+                const T *sk = keys + from, *sv = values + from;                                                \
+                T* o = out + pair * group * dim;                                                               \
+                DISPATCH(TYPE)                                                                                 \
+                pair_portable_##TYPE(q, k, v, sk, sv, o, first, shared, end, dim, (int)group, query, scores);  \
+            }                                                                                                  \
+            free(query);                                                                                       \
+        }                                                                                                      \
+    }
+ATTEND(float32, float)
+ATTEND(bfloat16, uint16_t)
+
+/* 1 where the AVX-512 path was compiled in */
+int vector_path(void) { return VECTOR_PATH; }
+
+/* ---- top-p sampling ------------------------------------------------------------------------------------------------
+
+   One token per row of logits [rows, vocab] from softmax(logits / temperature) restricted to its top-p nucleus, as
+   models/decode.top_p_sample (the same definition and method, in one pass or two over the vocabulary instead of a
+   dozen torch ops): a token is drawn from the whole distribution (blocks of SAMPLE_BLOCK tokens, then a token
+   within the block) and kept when the tokens more likely than it weigh less than top_p together; otherwise the row
+   draws again with its next uniform. uniforms: [rows, tries] in [0, 1), from torch's generator (seeded runs stay
+   reproducible). out[row] = -1 where all the row's tries were rejected (the caller draws again with fresh ones).
+   Logits of -inf (masked tokens) get no mass. */
+#define SAMPLE_BLOCK 256
+
+#define SAMPLE(TYPE, T, LOAD)                                                                                  \
+    void top_p_sample_##TYPE(const T* logits, int64_t rows, int64_t vocab, float inverse_temperature,         \
+                             float top_p, const float* uniforms, int64_t tries, int64_t* out, int threads) {   \
+        const int64_t blocks = (vocab + SAMPLE_BLOCK - 1) / SAMPLE_BLOCK;                                      \
+        _Pragma("omp parallel num_threads(threads)") {                                                         \
+            float* probs = malloc(sizeof(float) * (size_t)vocab);                                              \
+            double* cumulative = malloc(sizeof(double) * (size_t)blocks);                                      \
+            _Pragma("omp for schedule(static)") for (int64_t row = 0; row < rows; ++row) {                     \
+                const T* x = logits + row * vocab;                                                             \
+                float top = LOAD(x[0]);                                                                        \
+                _Pragma("omp simd reduction(max : top)") for (int64_t i = 0; i < vocab; ++i) {                 \
+                    const float value = LOAD(x[i]);                                                            \
+                    top = value > top ? value : top;                                                           \
+                }                                                                                              \
+                double running = 0.0;                                                                          \
+                for (int64_t b = 0; b < blocks; ++b) {                                                         \
+                    const int64_t stop = (b + 1) * SAMPLE_BLOCK < vocab ? (b + 1) * SAMPLE_BLOCK : vocab;      \
+                    float mass = 0.0f;                                                                         \
+                    _Pragma("omp simd reduction(+ : mass)") for (int64_t i = b * SAMPLE_BLOCK; i < stop; ++i) { \
+                        /* -inf (masked) clamped to a finite exponent whose exp is 0: -ffast-math assumes no inf */ \
+                        probs[i] = expf(fmaxf((LOAD(x[i]) - top) * inverse_temperature, -200.0f));             \
+                        mass += probs[i];                                                                      \
+                    }                                                                                          \
+                    running += mass;                                                                           \
+                    cumulative[b] = running;                                                                   \
+                }                                                                                              \
+                const double total = running;                                                                  \
+                float known_out = -1.0f; /* the largest probability found outside the nucleus */               \
+                out[row] = -1;                                                                                 \
+                for (int64_t t = 0; t < tries; ++t) {                                                          \
+                    const double u = (1.0 - uniforms[row * tries + t]) * total; /* in (0, total] */            \
+                    int64_t b = 0;                                                                             \
+                    while (b < blocks - 1 && cumulative[b] < u) ++b;                                           \
+                    const int64_t start = b * SAMPLE_BLOCK;                                                    \
+                    const int64_t stop = start + SAMPLE_BLOCK < vocab ? start + SAMPLE_BLOCK : vocab;          \
+                    double reached = b ? cumulative[b - 1] : 0.0;                                              \
+                    int64_t token = -1;                                                                        \
+                    for (int64_t i = start; i < stop; ++i) {                                                   \
+                        if (probs[i] > 0.0f) token = i; /* the last token with mass, should rounding fall short */ \
+                        reached += probs[i];                                                                   \
+                        if (reached >= u && probs[i] > 0.0f) break;                                            \
+                    }                                                                                          \
+                    if (token < 0) continue;                                                                   \
+                    const float p = probs[token];                                                              \
+                    int keep;                                                                                  \
+                    if (top_p >= 1.0f) keep = 1;                                                               \
+                    else if (p <= known_out) keep = 0;                                                         \
+                    else if (total - p < top_p * total) keep = 1; /* the others weigh less than top_p */       \
+                    else {                                                                                     \
+                        float above = 0.0f;                                                                    \
+                        _Pragma("omp simd reduction(+ : above)") for (int64_t i = 0; i < vocab; ++i)           \
+                            above += probs[i] > p ? probs[i] : 0.0f;                                           \
+                        keep = above < top_p * total;                                                          \
+                    }                                                                                          \
+                    if (keep) {                                                                                \
+                        out[row] = token;                                                                      \
+                        break;                                                                                 \
+                    }                                                                                          \
+                    known_out = p > known_out ? p : known_out;                                                 \
+                }                                                                                              \
+            }                                                                                                  \
+            free(probs);                                                                                       \
+            free(cumulative);                                                                                  \
+        }                                                                                                      \
+    }
+SAMPLE(float32, float, LOAD_FLOAT32)
+SAMPLE(bfloat16, uint16_t, LOAD_BFLOAT16)

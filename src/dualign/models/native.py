@@ -1,0 +1,163 @@
+"""Two kernels of the decode loop in C (decode_kernels.c), compiled on first use for this CPU and loaded with ctypes:
+the decode step's attention and top-p sampling.
+
+Why C: at a decode step each (row, key/value head) pair has a handful of query rows, and torch's batched products
+for matrices that small run far below the memory bandwidth (the attention was a fifth of a SmolLM2 decode step on
+2 cores); top-p sampling over a 49k vocabulary took a dozen torch ops and passes over the logits (a tenth of it).
+The kernels need only a C compiler (`cc`, gcc or clang; no Python headers, no torch build):
+the library is built once per source, compiler and CPU (`-march=native`), in about a second, into
+`$DUALIGN_NATIVE_CACHE` (default: ~/.cache/dualign/native), and loaded into the process. OpenMP comes from the
+libgomp torch already loaded, so the kernel shares torch's threads.
+
+Where they cannot be built (no compiler, another OS) the decode loop keeps its torch code, after one log line
+saying why. `DUALIGN_NATIVE=0` turns them off.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+
+log = logging.getLogger("dualign")
+SOURCE = Path(__file__).with_name("decode_kernels.c")
+COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC"]
+TYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
+
+
+class Kernels:
+    """The compiled library's two functions for float32 and bfloat16 CPU tensors."""
+
+    def __init__(self, library: ctypes.CDLL):
+        self.attention, self.sampling = {}, {}
+        for dtype, name in TYPES.items():
+            attend = getattr(library, f"attend_{name}")
+            attend.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 7 + [ctypes.c_int]
+            attend.restype = None
+            sample = getattr(library, f"top_p_sample_{name}")
+            sample.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_float,
+                               ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+            sample.restype = None
+            self.attention[dtype], self.sampling[dtype] = attend, sample
+        self.vector_path = bool(library.vector_path())
+
+    def attend(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, begin: torch.Tensor,
+               end: int, source: torch.Tensor | None = None, shared: int = 0,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """out [rows, kv_heads, group, dim] = softmax(queries . keys) . values over the positions [begin[row], end);
+        queries [rows, kv_heads, group, dim] (scaled), keys and values [rows, kv_heads, length, dim], begin and
+        source [rows] int64 (positions below `shared` are read from row source[row]'s cache, which holds the same
+        ones); all contiguous, float32 or bfloat16, on the CPU."""
+        rows, kv_heads, group, dim = queries.shape
+        length = keys.shape[2]
+        source = torch.arange(rows, dtype=torch.int64) if source is None else source
+        if keys.shape != (rows, kv_heads, length, dim) or values.shape != keys.shape:
+            raise ValueError(f"decode attention: keys {tuple(keys.shape)} and values {tuple(values.shape)} do not "
+                             f"match queries {tuple(queries.shape)}")
+        if not (0 < end <= length and 0 <= shared <= end) or any(
+                t.dtype != torch.int64 or t.shape != (rows,) for t in (begin, source)):
+            raise ValueError(f"decode attention: end {end} outside (0, {length}], shared {shared} outside [0, end], "
+                             f"or begin / source not int64 [{rows}]")
+        if bool((begin >= end).any()) or bool(((source < 0) | (source >= rows)).any()):
+            raise ValueError("decode attention: a row with no position to attend, or a source row out of range")
+        tensors = (queries, keys, values, begin, source)
+        if not all(t.is_contiguous() and t.device.type == "cpu" for t in tensors) or \
+                not queries.dtype == keys.dtype == values.dtype or queries.dtype not in self.attention:
+            raise ValueError("decode attention: contiguous CPU tensors of one dtype (float32 or bfloat16) expected")
+        out = torch.empty_like(queries) if out is None else out
+        self.attention[queries.dtype](queries.data_ptr(), keys.data_ptr(), values.data_ptr(), begin.data_ptr(),
+                                      source.data_ptr(), out.data_ptr(), rows, kv_heads, group, length, shared, end,
+                                      dim, torch.get_num_threads())
+        return out
+
+    def top_p_sample(self, logits: torch.Tensor, temperature: float, top_p: float, tries: int = 16) -> torch.Tensor:
+        """One token per row of logits [n, V] (float32 or bfloat16, CPU) from softmax(logits / temperature)
+        restricted to its top-p nucleus; models/decode.top_p_sample's definition and method. The uniforms come from
+        torch's generator; rows whose `tries` draws all fell outside the nucleus draw again."""
+        logits = logits.contiguous()
+        tokens = torch.empty(logits.shape[0], dtype=torch.int64)
+        rows = None  # the rows still drawing; None: all of them
+        while True:
+            chunk = logits if rows is None else logits[rows]
+            uniforms = torch.rand(chunk.shape[0], tries)
+            drawn = torch.empty(chunk.shape[0], dtype=torch.int64)
+            self.sampling[logits.dtype](chunk.data_ptr(), chunk.shape[0], chunk.shape[1], 1.0 / temperature, top_p,
+                                        uniforms.data_ptr(), tries, drawn.data_ptr(), torch.get_num_threads())
+            if rows is None:
+                tokens = drawn
+                rows = (drawn < 0).nonzero().squeeze(1)
+            else:
+                tokens[rows] = drawn
+                rows = rows[drawn < 0]
+            if len(rows) == 0:
+                return tokens
+
+
+@functools.lru_cache(maxsize=None)
+def kernels(portable: bool = False) -> Kernels | None:
+    """The compiled kernels, or None (logged once) where they cannot be built. portable=True builds them without
+    the AVX-512 path (the loops any CPU runs; for tests)."""
+    if os.environ.get("DUALIGN_NATIVE", "1") == "0":
+        return None
+    try:
+        return Kernels(ctypes.CDLL(str(_build(portable))))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        log.warning("dualign: the decode loop's C kernels are not available (%s); its torch code is used instead",
+                    error)
+        return None
+
+
+def _build(portable: bool) -> Path:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if platform.system() != "Linux" or compiler is None:
+        raise RuntimeError(f"needs Linux and a C compiler (found {platform.system()}, compiler {compiler})")
+    flags = [f for f in COMPILE_FLAGS if not (portable and f == "-march=native")]
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, version, " ".join(flags), _cpu_flags(),
+                                    platform.machine()]).encode()).hexdigest()[:16]
+    folder = Path(os.environ.get("DUALIGN_NATIVE_CACHE") or Path.home() / ".cache/dualign/native")
+    library = folder / f"decode_kernels-{key}.so"
+    if library.exists():
+        return library
+    folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(library) + ".lock"):  # DDP ranks and sweep jobs build it once
+        if library.exists():
+            return library
+        with tempfile.TemporaryDirectory(dir=folder) as staging:
+            objects = Path(staging) / "decode_kernels.o"
+            _run([compiler, *flags, "-c", str(SOURCE), "-o", str(objects)])
+            built = Path(staging) / library.name
+            # linked without -ffast-math, which would link crtfastmath.o: flushing denormals process-wide
+            try:  # glibc's vector math (libmvec) serves the vectorised expf on x86-64
+                _run([compiler, "-shared", "-fopenmp", str(objects), "-o", str(built), "-lmvec", "-lm"])
+            except RuntimeError:
+                _run([compiler, "-shared", "-fopenmp", str(objects), "-o", str(built), "-lm"])
+            os.replace(built, library)
+    return library
+
+
+def _run(command: list[str]) -> None:
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"`{' '.join(command)}` failed: {(result.stderr or result.stdout).strip()[:300]}")
+
+
+def _cpu_flags() -> str:
+    """-march=native builds for this CPU: a cache shared between machines (a home folder on a cluster) keeps one
+    library per CPU model."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()

@@ -1,0 +1,119 @@
+"""The decode loop's C kernels (models/native.py): the attention of a decode step against a float64 reference
+(left padding skipped, a prompt read from another row, float32 and bfloat16, the AVX-512 and the portable paths),
+top-p sampling against the distribution it must draw from, and the build's failures turning into the torch code."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from dualign.models import native
+from dualign.models.decode import nucleus_log_softmax, top_p_sample
+
+LIBRARIES = {"native": native.kernels(), "portable": native.kernels(portable=True)}
+pytestmark = pytest.mark.skipif(LIBRARIES["native"] is None, reason="no C compiler here")
+
+
+def _reference(queries, keys, values, begin, end, source, shared):
+    """softmax(q . k) . v in float64 over [begin, end), positions below `shared` from row source[row]."""
+    queries, keys, values = (t.double() for t in (queries, keys, values))
+    out = torch.empty_like(queries)
+    for row in range(queries.shape[0]):
+        k = torch.cat([keys[source[row], :, :shared], keys[row, :, shared:]], 1)[:, begin[row]:end]
+        v = torch.cat([values[source[row], :, :shared], values[row, :, shared:]], 1)[:, begin[row]:end]
+        out[row] = torch.softmax(queries[row] @ k.transpose(-1, -2), -1) @ v
+    return out
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group,dim", [(3, 64), (8, 128), (2, 16), (9, 64)])  # vector path, then the portable one
+def test_attention_matches_the_float64_reference(library, dtype, group, dim):
+    kernels = LIBRARIES[library]
+    if kernels is None:
+        pytest.skip("not built")
+    generator = torch.Generator().manual_seed(0)
+    rows, kv_heads, length, end, shared = 6, 2, 40, 33, 12
+    queries = torch.randn(rows, kv_heads, group, dim, generator=generator).div(dim ** 0.5).to(dtype)
+    keys = torch.randn(rows, kv_heads, length, dim, generator=generator).to(dtype)
+    values = torch.randn(rows, kv_heads, length, dim, generator=generator).to(dtype)
+    begin = torch.tensor([0, 0, 5, 5, 11, 32])  # left padding; the last row has one position
+    source = torch.tensor([0, 0, 2, 2, 4, 4])  # pairs of samples of three prompts
+    keys[1, :, :shared] = values[1, :, :shared] = float("nan")  # never read: row 1 reads its prompt from row 0
+    out = kernels.attend(queries, keys, values, begin, end, source, shared)
+    expected = _reference(queries, keys, values, begin, end, source, shared)
+    tolerance = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out.double(), expected, **tolerance)
+
+
+def test_attention_rejects_inconsistent_inputs():
+    kernels = LIBRARIES["native"]
+    queries, keys = torch.zeros(2, 1, 3, 64), torch.zeros(2, 1, 8, 64)
+    with pytest.raises(ValueError, match="no position to attend"):
+        kernels.attend(queries, keys, keys, torch.tensor([0, 5]), 5)
+    with pytest.raises(ValueError, match="do not match"):
+        kernels.attend(queries, keys, keys[:, :, :, :32], torch.tensor([0, 0]), 5)
+    with pytest.raises(ValueError, match="one dtype"):
+        kernels.attend(queries.double(), keys.double(), keys.double(), torch.tensor([0, 0]), 5)
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 0.9), (0.7, 0.6), (1.3, 1.0)])
+def test_top_p_sampling_draws_from_the_nucleus_distribution(library, dtype, temperature, top_p):
+    kernels = LIBRARIES[library]
+    if kernels is None:
+        pytest.skip("not built")
+    generator = torch.Generator().manual_seed(0)
+    logits = (torch.randn(4, 600, generator=generator) * 3).to(dtype)  # 600: three blocks of 256, the last short
+    logits[1, logits[1].argmax()] = float("-inf")  # a masked token: never drawn, however likely it was
+    logits[2, :590] = float("-inf")  # ten tokens left, all in the last block
+    expected = nucleus_log_softmax(logits.float(), temperature, top_p).exp()
+    draws = 20000
+    torch.manual_seed(1)
+    tokens = kernels.top_p_sample(logits.repeat_interleave(draws, 0), temperature, top_p).view(4, draws)
+    observed = torch.stack([torch.bincount(t, minlength=600) for t in tokens]).float() / draws
+    assert (observed[expected == 0] == 0).all()  # nothing outside the nucleus, nothing masked
+    # total variation against its expected size from sampling noise alone (mean absolute deviation of a binomial
+    # frequency: sqrt(2 p (1 - p) / (pi n)))
+    noise = 0.5 * (2 * expected * (1 - expected) / (torch.pi * draws)).sqrt().sum(-1)
+    assert (0.5 * (observed - expected).abs().sum(-1) < 1.5 * noise + 0.005).all()
+
+
+def test_top_p_sampling_in_c_and_in_torch_agree_and_rejected_rows_draw_again():
+    """A flat distribution with top_p 0.1: most draws (82%) fall outside its nucleus of two tokens, so rows go
+    through several rounds of fresh uniforms (tries=1); the frequencies still match the torch sampler's."""
+    logits = (torch.arange(50) * 0.1).repeat(2, 1)
+    torch.manual_seed(2)
+    ours = LIBRARIES["native"].top_p_sample(logits.repeat_interleave(5000, 0), 1.0, 0.1, tries=1)
+    theirs = top_p_sample(logits.repeat_interleave(5000, 0), 1.0, 0.1, native=False)
+    ours_counts, theirs_counts = (torch.bincount(t, minlength=50).float() / len(t) for t in (ours, theirs))
+    assert set(ours.unique().tolist()) == set(theirs.unique().tolist()) == {48, 49}
+    assert 0.5 * (ours_counts - theirs_counts).abs().sum() < 0.03
+
+
+def test_a_failed_build_leaves_the_torch_code_with_one_warning(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("DUALIGN_NATIVE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "/bin/false")  # a compiler that fails
+    native.kernels.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="dualign"):
+            assert native.kernels() is None
+        assert "torch code is used instead" in caplog.text
+        monkeypatch.delenv("CC")
+        monkeypatch.setenv("DUALIGN_NATIVE", "0")
+        native.kernels.cache_clear()
+        assert native.kernels() is None
+        assert not list(tmp_path.glob("*.so"))
+    finally:
+        native.kernels.cache_clear()
+
+
+def test_the_library_is_built_once_per_source_and_cpu(monkeypatch, tmp_path):
+    monkeypatch.setenv("DUALIGN_NATIVE_CACHE", str(tmp_path))
+    first = native._build(portable=False)
+    assert first.parent == tmp_path and first.exists()
+    built_at = first.stat().st_mtime_ns
+    assert native._build(portable=False) == first and first.stat().st_mtime_ns == built_at  # reused
+    assert native._build(portable=True) != first  # other flags, another library
