@@ -1,5 +1,6 @@
 """The decode loop's C kernels (models/native.py): the attention of a decode step against a float64 reference
-(left padding skipped, a prompt read from another row, float32 and bfloat16, the AVX-512 and the portable paths),
+(left padding skipped, a prompt read from another row, float32 and bfloat16; the AVX-512 path with and without its
+bfloat16 instructions, and the portable one),
 top-p sampling against the distribution it must draw from, and the build's failures turning into the torch code."""
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from dualign.models import native
 from dualign.models.decode import nucleus_log_softmax, top_p_sample
 
-LIBRARIES = {"native": native.kernels(), "portable": native.kernels(portable=True)}
+LIBRARIES = {variant: native.kernels(variant) for variant in native.VARIANTS}
 pytestmark = pytest.mark.skipif(LIBRARIES["native"] is None, reason="no C compiler here")
 
 
@@ -43,7 +44,8 @@ def test_attention_matches_the_float64_reference(library, dtype, group, dim):
     keys[1, :, :shared] = values[1, :, :shared] = float("nan")  # never read: row 1 reads its prompt from row 0
     out = kernels.attend(queries, keys, values, begin, end, source, shared)
     expected = _reference(queries, keys, values, begin, end, source, shared)
-    tolerance = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    # bfloat16: the output's own rounding (2^-9 relative) and the probabilities rounded to bf16 as torch rounds them
+    tolerance = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-3, rtol=8e-3)
     torch.testing.assert_close(out.double(), expected, **tolerance)
 
 
@@ -112,8 +114,8 @@ def test_a_failed_build_leaves_the_torch_code_with_one_warning(monkeypatch, tmp_
 
 def test_the_library_is_built_once_per_source_and_cpu(monkeypatch, tmp_path):
     monkeypatch.setenv("DUALIGN_NATIVE_CACHE", str(tmp_path))
-    first = native._build(portable=False)
+    first = native._build("native")
     assert first.parent == tmp_path and first.exists()
     built_at = first.stat().st_mtime_ns
-    assert native._build(portable=False) == first and first.stat().st_mtime_ns == built_at  # reused
-    assert native._build(portable=True) != first  # other flags, another library
+    assert native._build("native") == first and first.stat().st_mtime_ns == built_at  # reused
+    assert native._build("portable") != first  # other flags, another library

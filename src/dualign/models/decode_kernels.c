@@ -16,7 +16,11 @@
      begin:        [rows] int64, the first valid position of each row
    Element types: float32 (attend_float32) and bfloat16 as uint16 (attend_bfloat16). The AVX-512 path is used
    where the compiler targets it (-march=native on such a CPU), dim is a multiple of 64 and group at most 8; the
-   portable loops otherwise.
+   portable loops otherwise. On that path the scores come 16 positions a vector (their dot products' lanes summed
+   by one shuffle tree), the exponentials from an inlined polynomial, and in bfloat16 both products from the
+   AVX512-BF16 dot-product instruction where the CPU has it (keys: pairs of dimensions; values: pairs of
+   positions). A SmolLM2 step spends as long waiting for the cache's bytes as computing on them: the values are
+   prefetched while the keys are worked on.
    The K samples of a prompt share its prefill: `source[row]` names a row whose cache holds the same positions
    below `shared` (the prompt), read from there, so that the prompt is read once for the K rows while it is in
    cache. */
@@ -63,57 +67,218 @@ static inline void softmax(float* s, int64_t first, int64_t end) {
 #include <immintrin.h>
 #define VECTOR_PATH 1
 
-static inline __m512 load_bfloat16(const uint16_t* p, __mmask16 mask) {
-    __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+static inline __m512 load_bfloat16(const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
-static inline __m512 load_float32(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
 static inline void store_bfloat16(uint16_t* p, __m512 x) { /* round to nearest even (finite values) */
     __m512i bits = _mm512_castps_si512(x);
     __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
     bits = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
     _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
 }
-static inline void store_float32(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
+static inline __mmask16 first_lanes(int64_t count) { return count >= 16 ? 0xffff : (__mmask16)((1u << count) - 1); }
 
-/* One (row, kv head) pair; GROUP is a constant at each call site (see the dispatch), so the accumulators are
-   registers. Positions below `shared` are read from the pair's source (`shared_keys`, `shared_values`). */
-#define PAIR_VECTOR(NAME, T, LOAD, STORE)                                                                      \
-    static inline __attribute__((always_inline)) void NAME(                                                   \
-        const T* q, const T* keys, const T* values, const T* shared_keys, const T* shared_values, T* out,      \
-        int64_t first, int64_t shared, int64_t end, int64_t dim, const int GROUP, float* query, float* scores) { \
-        for (int64_t i = 0; i < GROUP * dim; i += 16) _mm512_storeu_ps(query + i, LOAD(q + i, 0xffff));        \
-        for (int64_t l = first; l < end; ++l) {                                                               \
-            const T* k = (l < shared ? shared_keys : keys) + l * dim;                                         \
-            __m512 acc[MAX_GROUP];                                                                             \
-            for (int h = 0; h < GROUP; ++h) acc[h] = _mm512_setzero_ps();                                      \
-            for (int64_t c = 0; c < dim; c += 16) {                                                           \
-                const __m512 kc = LOAD(k + c, 0xffff);                                                        \
-                for (int h = 0; h < GROUP; ++h)                                                                \
-                    acc[h] = _mm512_fmadd_ps(_mm512_loadu_ps(query + h * dim + c), kc, acc[h]);               \
+/* r[j] = the sum of v[j]'s 16 lanes, for 16 vectors at once: a tree of adds over transposing shuffles (about 3
+   instructions a vector, against about 8 for a reduction each) */
+static inline __m512 sum16(const __m512 v[16]) {
+    __m512 a[8], b[4], c[2];
+    for (int i = 0; i < 8; ++i)
+        a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; ++i) {
+        const __m512d x = _mm512_castps_pd(a[2 * i]), y = _mm512_castps_pd(a[2 * i + 1]);
+        b[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    for (int i = 0; i < 2; ++i)
+        c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* exp(x) for finite x <= 0: 2^n 2^f, n = round(x log2 e), 2^f = e^(f ln 2) by its Taylor polynomial of degree 6
+   (|f ln 2| <= 0.35: relative error about 1e-7). 16 lanes in a dozen instructions, no call. */
+static inline __m512 exp_negative(__m512 x) {
+    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504f));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 g = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.693147181f));
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n); /* 0 where 2^n underflows */
+}
+
+/* s[0:count] -> exp(s - max s), lanes past count set to 0 (s has room for count rounded up to 16); returns the
+   sum. The softmax's division is left to the weighted sums (one multiply per output instead of one per score). */
+static inline float exp_scores(float* s, int64_t count) {
+    __m512 top = _mm512_set1_ps(-3.0e38f);
+    for (int64_t i = 0; i < count; i += 16)
+        top = _mm512_mask_max_ps(top, first_lanes(count - i), top, _mm512_loadu_ps(s + i));
+    const __m512 largest = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t i = 0; i < count; i += 16) {
+        const __m512 e = _mm512_maskz_mov_ps(first_lanes(count - i),
+                                             exp_negative(_mm512_sub_ps(_mm512_loadu_ps(s + i), largest)));
+        _mm512_storeu_ps(s + i, e);
+        total = _mm512_add_ps(total, e);
+    }
+    return _mm512_reduce_add_ps(total);
+}
+
+/* q . k as 16 partial sums (their total is the dot product); dim a multiple of 64 */
+static inline __m512 dot_float32(const float* q, const float* k, int64_t dim) {
+    __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(k));
+    for (int64_t c = 16; c < dim; c += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + c), _mm512_loadu_ps(k + c), acc);
+    return acc;
+}
+#if defined(__AVX512BF16__)
+static inline __m512 dot_bfloat16(const uint16_t* q, const uint16_t* k, int64_t dim) {
+    /* pairs of bf16 products summed in float32 (the product of two bf16 is exact) */
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t c = 0; c < dim; c += 32)
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(q + c), (__m512bh)_mm512_loadu_si512(k + c));
+    return acc;
+}
+#else
+static inline __m512 dot_bfloat16(const uint16_t* q, const uint16_t* k, int64_t dim) {
+    __m512 acc = _mm512_mul_ps(load_bfloat16(q), load_bfloat16(k));
+    for (int64_t c = 16; c < dim; c += 16) acc = _mm512_fmadd_ps(load_bfloat16(q + c), load_bfloat16(k + c), acc);
+    return acc;
+}
+#endif
+
+/* scores[h * stride + l - first] = exp(q[h] . key l - max) for l in [first, end), 16 positions a vector;
+   inverse_totals[h] = 1 / their sum. The values are only prefetched. */
+#define SCORES(NAME, T, DOT)                                                                                   \
+    static inline void NAME(const T* q, const T* keys, const T* shared_keys, const T* values,                  \
+                            const T* shared_values, int64_t first, int64_t shared, int64_t end, int64_t dim,    \
+                            int group, float* scores, int64_t stride, float* inverse_totals) {                 \
+        for (int h = 0; h < group; ++h) {                                                                      \
+            const T* qh = q + h * dim;                                                                         \
+            for (int64_t l = first; l < end; l += 16) {                                                       \
+                __m512 dots[16];                                                                               \
+                for (int j = 0; j < 16; ++j)                                                                   \
+                    dots[j] = l + j < end ? DOT(qh, (l + j < shared ? shared_keys : keys) + (l + j) * dim, dim) \
+                                          : _mm512_setzero_ps();                                               \
+                /* the values of these positions, into L2 while the keys are worked on (4% of a SmolLM2 decode) */ \
+                for (int j = 0; h == 0 && j < 16 && l + j < end; ++j)                                          \
+                    for (int64_t byte = 0; byte < dim * (int64_t)sizeof(T); byte += 64)                        \
+                        _mm_prefetch((const char*)((l + j < shared ? shared_values : values) + (l + j) * dim) + byte, \
+                                     _MM_HINT_T1);                                                             \
+                _mm512_storeu_ps(scores + h * stride + l - first, sum16(dots));                               \
             }                                                                                                  \
-            for (int h = 0; h < GROUP; ++h) scores[h * end + l] = _mm512_reduce_add_ps(acc[h]);               \
-        }                                                                                                      \
-        for (int h = 0; h < GROUP; ++h) softmax(scores + h * end, first, end);                                \
-        for (int64_t c = 0; c < dim; c += 16 * BLOCK) { /* 64 dimensions at a time: BLOCK x GROUP sums */     \
-            __m512 acc[BLOCK][MAX_GROUP];                                                                      \
-            for (int b = 0; b < BLOCK; ++b)                                                                    \
-                for (int h = 0; h < GROUP; ++h) acc[b][h] = _mm512_setzero_ps();                               \
-            for (int64_t l = first; l < end; ++l) {                                                           \
-                const T* v = (l < shared ? shared_values : values) + l * dim + c;                             \
-                __m512 p[MAX_GROUP];                                                                           \
-                for (int h = 0; h < GROUP; ++h) p[h] = _mm512_set1_ps(scores[h * end + l]);                    \
-                for (int b = 0; b < BLOCK; ++b) {                                                              \
-                    const __m512 vb = LOAD(v + 16 * b, 0xffff);                                               \
-                    for (int h = 0; h < GROUP; ++h) acc[b][h] = _mm512_fmadd_ps(p[h], vb, acc[b][h]);         \
-                }                                                                                              \
-            }                                                                                                  \
-            for (int b = 0; b < BLOCK; ++b)                                                                    \
-                for (int h = 0; h < GROUP; ++h) STORE(out + h * dim + c + 16 * b, acc[b][h]);                  \
+            inverse_totals[h] = 1.0f / exp_scores(scores + h * stride, end - first);                           \
         }                                                                                                      \
     }
-PAIR_VECTOR(pair_vector_float32, float, load_float32, store_float32)
-PAIR_VECTOR(pair_vector_bfloat16, uint16_t, load_bfloat16, store_bfloat16)
+SCORES(scores_float32, float, dot_float32)
+SCORES(scores_bfloat16, uint16_t, dot_bfloat16)
+
+/* One (row, kv head) pair: GROUP is a constant at each call site (see the dispatch), so the accumulators are
+   registers. Positions below `shared` are read from the pair's source (`shared_keys`, `shared_values`). */
+static inline __attribute__((always_inline)) void pair_vector_float32(
+    const float* q, const float* keys, const float* values, const float* shared_keys, const float* shared_values,
+    float* out, int64_t first, int64_t shared, int64_t end, int64_t dim, const int GROUP, float* scores,
+    int64_t stride, uint16_t* rounded) {
+    (void)rounded;
+    float inverse_totals[MAX_GROUP];
+    scores_float32(q, keys, shared_keys, values, shared_values, first, shared, end, dim, GROUP, scores, stride,
+                   inverse_totals);
+    for (int64_t c = 0; c < dim; c += 16 * BLOCK) { /* 64 dimensions at a time: BLOCK x GROUP sums */
+        __m512 acc[BLOCK][MAX_GROUP];
+        for (int b = 0; b < BLOCK; ++b)
+            for (int h = 0; h < GROUP; ++h) acc[b][h] = _mm512_setzero_ps();
+        for (int64_t l = first; l < end; ++l) {
+            const float* v = (l < shared ? shared_values : values) + l * dim + c;
+            __m512 p[MAX_GROUP];
+            for (int h = 0; h < GROUP; ++h) p[h] = _mm512_set1_ps(scores[h * stride + l - first]);
+            for (int b = 0; b < BLOCK; ++b) {
+                const __m512 vb = _mm512_loadu_ps(v + 16 * b);
+                for (int h = 0; h < GROUP; ++h) acc[b][h] = _mm512_fmadd_ps(p[h], vb, acc[b][h]);
+            }
+        }
+        for (int b = 0; b < BLOCK; ++b)
+            for (int h = 0; h < GROUP; ++h)
+                _mm512_storeu_ps(out + h * dim + c + 16 * b,
+                                 _mm512_mul_ps(acc[b][h], _mm512_set1_ps(inverse_totals[h])));
+    }
+}
+
+#if defined(__AVX512BF16__)
+/* The weighted sum of values with bf16 dot products over pairs of positions: the weights of positions l and l+1
+   (rounded to bf16, as transformers' bf16 attention rounds its probabilities) side by side in each 32-bit lane,
+   against the two positions' values interleaved (unpack), 32 dimensions a pass, in the unpack's order until the
+   store. */
+static inline __attribute__((always_inline)) void pair_vector_bfloat16(
+    const uint16_t* q, const uint16_t* keys, const uint16_t* values, const uint16_t* shared_keys,
+    const uint16_t* shared_values, uint16_t* out, int64_t first, int64_t shared, int64_t end, int64_t dim,
+    const int GROUP, float* scores, int64_t stride, uint16_t* rounded) {
+    float inverse_totals[MAX_GROUP];
+    scores_bfloat16(q, keys, shared_keys, values, shared_values, first, shared, end, dim, GROUP, scores, stride,
+                    inverse_totals);
+    const int64_t count = end - first, pair_count = (count + 1) / 2;
+    for (int h = 0; h < GROUP; ++h) /* zeros past count: an odd last position's partner weighs 0 */
+        for (int64_t i = 0; i < count; i += 16)
+            _mm256_storeu_si256((__m256i*)(rounded + h * stride + i),
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(scores + h * stride + i)));
+    /* lanes 4j..4j+3 of the low sums hold dimensions 8j..8j+3, of the high sums 8j+4..8j+7 */
+    const __m512i order_low = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i order_high = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+    for (int64_t c = 0; c < dim; c += 32) {
+        __m512 low[MAX_GROUP], high[MAX_GROUP];
+        for (int h = 0; h < GROUP; ++h) low[h] = high[h] = _mm512_setzero_ps();
+        for (int64_t i = 0; i < pair_count; ++i) {
+            const int64_t l = first + 2 * i, m = l + 1 < end ? l + 1 : l;
+            const __m512i a = _mm512_loadu_si512((l < shared ? shared_values : values) + l * dim + c);
+            const __m512i b = _mm512_loadu_si512((m < shared ? shared_values : values) + m * dim + c);
+            const __m512bh pair_low = (__m512bh)_mm512_unpacklo_epi16(a, b);
+            const __m512bh pair_high = (__m512bh)_mm512_unpackhi_epi16(a, b);
+            for (int h = 0; h < GROUP; ++h) {
+                uint32_t weights;
+                memcpy(&weights, rounded + h * stride + 2 * i, sizeof weights);
+                const __m512bh both = (__m512bh)_mm512_set1_epi32((int)weights);
+                low[h] = _mm512_dpbf16_ps(low[h], both, pair_low);
+                high[h] = _mm512_dpbf16_ps(high[h], both, pair_high);
+            }
+        }
+        for (int h = 0; h < GROUP; ++h) {
+            const __m512 scale = _mm512_set1_ps(inverse_totals[h]);
+            store_bfloat16(out + h * dim + c, _mm512_mul_ps(_mm512_permutex2var_ps(low[h], order_low, high[h]), scale));
+            store_bfloat16(out + h * dim + c + 16,
+                           _mm512_mul_ps(_mm512_permutex2var_ps(low[h], order_high, high[h]), scale));
+        }
+    }
+}
+#else
+static inline __attribute__((always_inline)) void pair_vector_bfloat16(
+    const uint16_t* q, const uint16_t* keys, const uint16_t* values, const uint16_t* shared_keys,
+    const uint16_t* shared_values, uint16_t* out, int64_t first, int64_t shared, int64_t end, int64_t dim,
+    const int GROUP, float* scores, int64_t stride, uint16_t* rounded) {
+    (void)rounded;
+    float inverse_totals[MAX_GROUP];
+    scores_bfloat16(q, keys, shared_keys, values, shared_values, first, shared, end, dim, GROUP, scores, stride,
+                    inverse_totals);
+    for (int64_t c = 0; c < dim; c += 16 * BLOCK) {
+        __m512 acc[BLOCK][MAX_GROUP];
+        for (int b = 0; b < BLOCK; ++b)
+            for (int h = 0; h < GROUP; ++h) acc[b][h] = _mm512_setzero_ps();
+        for (int64_t l = first; l < end; ++l) {
+            const uint16_t* v = (l < shared ? shared_values : values) + l * dim + c;
+            __m512 p[MAX_GROUP];
+            for (int h = 0; h < GROUP; ++h) p[h] = _mm512_set1_ps(scores[h * stride + l - first]);
+            for (int b = 0; b < BLOCK; ++b) {
+                const __m512 vb = load_bfloat16(v + 16 * b);
+                for (int h = 0; h < GROUP; ++h) acc[b][h] = _mm512_fmadd_ps(p[h], vb, acc[b][h]);
+            }
+        }
+        for (int b = 0; b < BLOCK; ++b)
+            for (int h = 0; h < GROUP; ++h)
+                store_bfloat16(out + h * dim + c + 16 * b, _mm512_mul_ps(acc[b][h], _mm512_set1_ps(inverse_totals[h])));
+    }
+}
+#endif
 #else
 #define VECTOR_PATH 0
 #endif
@@ -154,7 +319,7 @@ PAIR_PORTABLE(pair_portable_bfloat16, uint16_t, LOAD_BFLOAT16, STORE_BFLOAT16)
 
 #if VECTOR_PATH
 #define CASE(TYPE, G)                                                                                          \
-    case G: pair_vector_##TYPE(q, k, v, sk, sv, o, first, shared, end, dim, G, query, scores); continue;
+    case G: pair_vector_##TYPE(q, k, v, sk, sv, o, first, shared, end, dim, G, scores, stride, rounded); continue;
 #define DISPATCH(TYPE)                                                                                         \
     if (vector) switch (group) { CASE(TYPE, 1) CASE(TYPE, 2) CASE(TYPE, 3) CASE(TYPE, 4) CASE(TYPE, 5)          \
                                  CASE(TYPE, 6) CASE(TYPE, 7) CASE(TYPE, 8) }
@@ -169,8 +334,13 @@ PAIR_PORTABLE(pair_portable_bfloat16, uint16_t, LOAD_BFLOAT16, STORE_BFLOAT16)
         const int vector = VECTOR_PATH && dim % 64 == 0 && group <= MAX_GROUP;                                 \
         (void)vector;                                                                                          \
         _Pragma("omp parallel num_threads(threads)") {                                                         \
-            float* query = malloc(sizeof(float) * (size_t)(group * dim + group * end));                        \
+            /* per head: end scores rounded up to whole vectors, and again as bf16 (the vector path) */        \
+            const int64_t stride = (end + 15) / 16 * 16;                                                       \
+            float* query = malloc(sizeof(float) * (size_t)(group * dim + group * stride) +                     \
+                                  sizeof(uint16_t) * (size_t)(group * stride));                                \
             float* scores = query + group * dim;                                                               \
+            uint16_t* rounded = (uint16_t*)(scores + group * stride);                                          \
+            (void)rounded;                                                                                     \
             _Pragma("omp for schedule(static)") for (int64_t pair = 0; pair < rows * kv_heads; ++pair) {       \
                 const int64_t row = pair / kv_heads, head = pair % kv_heads, first = begin[row];               \
                 const int64_t from = (source[row] * kv_heads + head) * length * dim;                           \

@@ -30,7 +30,7 @@ from filelock import FileLock
 
 log = logging.getLogger("dualign")
 SOURCE = Path(__file__).with_name("decode_kernels.c")
-COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC"]
+COMPILE_FLAGS = ["-O3", "-ffast-math", "-fopenmp", "-fPIC"]
 TYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 
 
@@ -103,24 +103,28 @@ class Kernels:
 
 
 @functools.lru_cache(maxsize=None)
-def kernels(portable: bool = False) -> Kernels | None:
-    """The compiled kernels, or None (logged once) where they cannot be built. portable=True builds them without
-    the AVX-512 path (the loops any CPU runs; for tests)."""
+def kernels(variant: str = "native") -> Kernels | None:
+    """The compiled kernels, or None (logged once) where they cannot be built. The other variants are for the
+    tests, to run each code path on one CPU: "no-bf16" without the AVX512-BF16 instructions, "portable" without
+    any CPU-specific code (the loops any CPU runs)."""
     if os.environ.get("DUALIGN_NATIVE", "1") == "0":
         return None
     try:
-        return Kernels(ctypes.CDLL(str(_build(portable))))
+        return Kernels(ctypes.CDLL(str(_build(variant))))
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         log.warning("dualign: the decode loop's C kernels are not available (%s); its torch code is used instead",
                     error)
         return None
 
 
-def _build(portable: bool) -> Path:
+VARIANTS = {"native": ["-march=native"], "no-bf16": ["-march=native", "-mno-avx512bf16"], "portable": []}
+
+
+def _build(variant: str = "native") -> Path:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if platform.system() != "Linux" or compiler is None:
         raise RuntimeError(f"needs Linux and a C compiler (found {platform.system()}, compiler {compiler})")
-    flags = [f for f in COMPILE_FLAGS if not (portable and f == "-march=native")]
+    flags = COMPILE_FLAGS + VARIANTS[variant]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, version, " ".join(flags), _cpu_flags(),
                                     platform.machine()]).encode()).hexdigest()[:16]
