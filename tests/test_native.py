@@ -1,6 +1,6 @@
 """The decode loop's C kernels (models/native.py): the attention of a decode step against a float64 reference
 (left padding skipped, a prompt read from another row, float32 and bfloat16; the AVX-512 path with and without its
-bfloat16 instructions, and the portable one),
+bfloat16 instructions, and the portable one), a layer's element-wise kernels against the torch ops they replace,
 top-p sampling against the distribution it must draw from, and the build's failures turning into the torch code."""
 from __future__ import annotations
 
@@ -47,6 +47,46 @@ def test_attention_matches_the_float64_reference(library, dtype, group, dim):
     # bfloat16: the output's own rounding (2^-9 relative) and the probabilities rounded to bf16 as torch rounds them
     tolerance = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-3, rtol=8e-3)
     torch.testing.assert_close(out.double(), expected, **tolerance)
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_kernels_match_the_torch_ops_they_replace(library, dtype):
+    """RMSNorm after a residual add, the rotary embedding with the cache writes, SiLU(gate) * up: as the torch
+    path of models/llama_steps.py computes them, rounding where it rounds."""
+    kernels = LIBRARIES[library]
+    if kernels is None:
+        pytest.skip("not built")
+    generator = torch.Generator().manual_seed(0)
+    rows, hidden, heads, kv_heads, dim, length, slot = 5, 96, 6, 2, 16, 12, 7
+    exact = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=8e-3)  # bf16: 1 ulp
+
+    x, delta = (torch.randn(rows, 1, hidden, generator=generator).to(dtype) for _ in range(2))
+    weight = torch.rand(hidden, generator=generator).add(0.5).to(dtype)
+    expected_x = x + delta
+    expected = (torch.nn.functional.rms_norm(expected_x.float(), (hidden,), eps=1e-5).to(dtype) * weight)
+    normed = kernels.add_rms_norm(x, delta, weight, 1e-5)
+    torch.testing.assert_close(x, expected_x, atol=0, rtol=0)  # the residual, in place
+    torch.testing.assert_close(normed, expected, **exact)
+    torch.testing.assert_close(kernels.add_rms_norm(x, None, weight, 1e-5), expected, **exact)
+
+    qkv = torch.randn(rows, heads + 2 * kv_heads, dim, generator=generator).to(dtype)
+    cos, sin = torch.rand(20, dim, generator=generator).to(dtype), torch.rand(20, dim, generator=generator).to(dtype)
+    position = torch.tensor([3, 0, 19, 7, 7])
+    keys, values = torch.zeros(rows, kv_heads, length, dim, dtype=dtype), torch.zeros(rows, kv_heads, length, dim, dtype=dtype)
+    queries = kernels.rotary_cache(qkv, cos, sin, position, keys, values, slot, heads)
+    half = dim // 2
+    turned = torch.cat((qkv[..., half:], qkv[..., :half]), -1)
+    rotated = (turned * sin[position][:, None]).addcmul_(qkv, cos[position][:, None])  # torch's order of rounding
+    torch.testing.assert_close(queries, rotated[:, :heads], **exact)
+    torch.testing.assert_close(keys[:, :, slot], rotated[:, heads : heads + kv_heads], **exact)
+    torch.testing.assert_close(values[:, :, slot], qkv[:, heads + kv_heads :], atol=0, rtol=0)
+    assert keys[:, :, :slot].abs().sum() == 0 and values[:, :, slot + 1 :].abs().sum() == 0  # one slot written
+
+    gate_up = torch.randn(rows, 1, 2 * hidden, generator=generator).mul(4).to(dtype)
+    gate_up[0, 0, :3] = torch.tensor([-100.0, 100.0, 0.0])  # SiLU's tails and its zero
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(kernels.silu_mul(gate_up), torch.nn.functional.silu(gate) * up, **exact)
 
 
 def test_attention_rejects_inconsistent_inputs():

@@ -29,23 +29,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bfloat16.h"
+
 #define MAX_GROUP 8 /* query heads per key/value head on the AVX-512 path */
 #define BLOCK 4     /* 16-wide vectors of the value sums a pass (64 dimensions) */
-
-static inline float bf16_to_float(uint16_t x) {
-    uint32_t bits = (uint32_t)x << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-static inline uint16_t float_to_bf16(float f) { /* round to nearest even, as torch's conversion */
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40); /* NaN stays NaN */
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
 
 /* softmax over s[first:end] in place, first < end (the maximum subtracted; the loops vectorise, expf included,
    under -ffast-math, which also assumes no infinities: none is used) */
@@ -283,11 +270,6 @@ static inline __attribute__((always_inline)) void pair_vector_bfloat16(
 #define VECTOR_PATH 0
 #endif
 
-#define LOAD_FLOAT32(x) (x)
-#define STORE_FLOAT32(x) (x)
-#define LOAD_BFLOAT16(x) bf16_to_float(x)
-#define STORE_BFLOAT16(x) float_to_bf16(x)
-
 /* One (row, kv head) pair, any group and dim. */
 #define PAIR_PORTABLE(NAME, T, LOAD, STORE)                                                                    \
     static void NAME(const T* q, const T* keys, const T* values, const T* shared_keys, const T* shared_values,  \
@@ -328,9 +310,11 @@ PAIR_PORTABLE(pair_portable_bfloat16, uint16_t, LOAD_BFLOAT16, STORE_BFLOAT16)
 #endif
 
 #define ATTEND(TYPE, T)                                                                                        \
-    void attend_##TYPE(const T* queries, const T* keys, const T* values, const int64_t* begin,                 \
-                       const int64_t* source, T* out, int64_t rows, int64_t kv_heads, int64_t group,           \
-                       int64_t length, int64_t shared, int64_t end, int64_t dim, int threads) {                \
+    int attend_##TYPE(const T* queries, const T* keys, const T* values, const int64_t* begin,                  \
+                      const int64_t* source, T* out, int64_t rows, int64_t kv_heads, int64_t group,            \
+                      int64_t length, int64_t shared, int64_t end, int64_t dim, int threads) {                 \
+        for (int64_t row = 0; row < rows; ++row) /* 1: a row with nothing to attend or a source out of range */ \
+            if (begin[row] < 0 || begin[row] >= end || source[row] < 0 || source[row] >= rows) return 1;       \
         const int vector = VECTOR_PATH && dim % 64 == 0 && group <= MAX_GROUP;                                 \
         (void)vector;                                                                                          \
         _Pragma("omp parallel num_threads(threads)") {                                                         \
@@ -353,6 +337,7 @@ PAIR_PORTABLE(pair_portable_bfloat16, uint16_t, LOAD_BFLOAT16, STORE_BFLOAT16)
             }                                                                                                  \
             free(query);                                                                                       \
         }                                                                                                      \
+        return 0;                                                                                              \
     }
 ATTEND(float32, float)
 ATTEND(bfloat16, uint16_t)

@@ -8,13 +8,16 @@ matrix products and a few element-wise ops a layer:
 - LoRA adapters (peft) are folded into those weights once a decode call (a module is linear in its input, so its
   effective weight is what it gives for the identity); an adapter-disabled view gives the base weights;
 - the KV cache is preallocated for prompt + new tokens and written in place;
-- a decode step's attention is one C pass over each row's written cache per key/value head, for all its query
-  heads, reading a prompt once for its K samples (models/native.py); the prefill's, and a step's where the kernel
-  cannot be built, is two batched matrix products per key/value head, without repeating the keys;
-- the rotary embedding's cos and sin come from a table computed once by the model's own rotary module;
-- RMSNorm is torch's fused `rms_norm` with the model's weight and epsilon, in float32 and cast back as transformers'.
+- on a CPU a decode step runs on C kernels between the matrix products (models/native.py, `_native_layer`): the
+  attention is one pass over each row's written cache per key/value head, for all its query heads, reading a
+  prompt once for its K samples; RMSNorm (with the residual add), the rotary embedding with the cache writes,
+  and SiLU(gate) * up are one pass each;
+- the prefill, and a step where the kernels cannot be built, is torch (`_layer`): attention as two batched matrix
+  products per key/value head without repeating the keys, RMSNorm as torch's fused `rms_norm` (in float32 and cast
+  back as transformers'), the model's own activation module;
+- the rotary embedding's cos and sin come from a table computed once by the model's own rotary module.
 
-The activation is the model's own module. Anything else (another architecture, a sliding window, a
+Anything else (another architecture, a sliding window, a
 position-dependent RoPE, q/k norms) is not supported: `LlamaSteps.supports` says so, and the decode loop then runs
 the model's own forward.
 """
@@ -83,6 +86,7 @@ class LlamaSteps:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.native = kernels() if native and self.device.type == "cpu" and self.dtype in TYPES else None
+        self.silu = getattr(config, "hidden_act", None) in ("silu", "swish")  # the element-wise kernel's activation
 
     def _effective(self, module, width: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight [in, out], bias or None) of a module linear in its input, adapters included."""
@@ -185,12 +189,31 @@ class LlamaSteps:
         if start + width > self.length:
             raise ValueError(f"the cache holds {self.length} positions; {start + width} asked")
         self._reveal(start, start + width)  # the positions this call writes, for it (a step) and the steps after it
-        cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]  # [N, S, 1, head_dim]
         x = self.embed(input_ids)
-        for index, layer in enumerate(self.layers):
-            x = self._layer(index, layer, x, cos, sin, start, bias)
+        if width == 1 and self.use_native and self.silu:
+            for index, layer in enumerate(self.layers):
+                x = self._native_layer(index, layer, x, positions[:, 0], start)
+        else:
+            cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]  # [N, S, 1, head_dim]
+            for index, layer in enumerate(self.layers):
+                x = self._layer(index, layer, x, cos, sin, start, bias)
         self.filled = start + width
         return self.lm_head(self.norm(x[:, -1]))
+
+    def _native_layer(self, index: int, layer: dict, x, position: torch.Tensor, slot: int) -> torch.Tensor:
+        """A decode step's layer on the C kernels (models/native.py): what _layer computes for one position a row,
+        with each run of element-wise ops one pass. x [rows, 1, hidden] is updated in place."""
+        native, rows, group = self.native, x.shape[0], self.heads // self.kv_heads
+        keys, values = self.keys[index], self.values[index]
+        norm = layer["input_norm"]
+        qkv = layer["qkv"](native.add_rms_norm(x, None, norm.weight, norm.variance_epsilon))
+        queries = native.rotary_cache(qkv.view(rows, -1, self.head_dim), self.cos, self.sin, position, keys, values,
+                                      slot, self.heads)
+        attended = native.attend(queries.view(rows, self.kv_heads, group, self.head_dim), keys, values, self.begin,
+                                 slot + 1, self.source, self.prompt_width)
+        norm = layer["post_norm"]  # the residual add and the norm in one pass
+        normed = native.add_rms_norm(x, layer["o"](attended.view(rows, 1, -1)), norm.weight, norm.variance_epsilon)
+        return x.add_(layer["down"](native.silu_mul(layer["gate_up"](normed))))
 
     def _layer(self, index: int, layer: dict, x, cos, sin, start: int, bias) -> torch.Tensor:
         rows, width, _ = x.shape
@@ -203,17 +226,13 @@ class LlamaSteps:
         values[:, :, start:end] = qkv[:, :, heads + kv_heads :].transpose(1, 2)
         # heads g*group .. g*group + group - 1 share key/value head g (transformers' repeat_kv order). The score
         # scaling is folded into the query weights.
-        if width == 1 and self.use_native:
-            queries = rotated[:, 0, :heads].reshape(rows, kv_heads, group, head_dim).contiguous()
-            attended = self.native.attend(queries, keys, values, self.begin, end, self.source, self.prompt_width)
-            attended = attended.view(rows, 1, heads * head_dim)
-        else:  # the whole preallocated cache takes part, unwritten positions masked: a view of the first `end`
-            # positions is not contiguous, and bf16 batched products copy it
-            queries = rotated[:, :, :heads].transpose(1, 2).reshape(rows, kv_heads, group * width, head_dim)
-            scores = queries @ keys.transpose(-1, -2)
-            scores = scores.view(rows, kv_heads, group, width, self.length).add_(bias).softmax(-1)
-            attended = scores.view(rows, kv_heads, group * width, self.length) @ values
-            attended = attended.view(rows, heads, width, head_dim).transpose(1, 2).reshape(rows, width, heads * head_dim)
+        # the whole preallocated cache takes part, unwritten positions masked: a view of the first `end` positions
+        # is not contiguous, and bf16 batched products copy it
+        queries = rotated[:, :, :heads].transpose(1, 2).reshape(rows, kv_heads, group * width, head_dim)
+        scores = queries @ keys.transpose(-1, -2)
+        scores = scores.view(rows, kv_heads, group, width, self.length).add_(bias).softmax(-1)
+        attended = scores.view(rows, kv_heads, group * width, self.length) @ values
+        attended = attended.view(rows, heads, width, head_dim).transpose(1, 2).reshape(rows, width, heads * head_dim)
         x = x + layer["o"](attended)
         gate, up = layer["gate_up"](_rms_norm(x, layer["post_norm"])).chunk(2, dim=-1)
         return x.add_(layer["down"](layer["act"](gate).mul_(up)))

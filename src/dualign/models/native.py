@@ -1,13 +1,15 @@
-"""Two kernels of the decode loop in C (decode_kernels.c), compiled on first use for this CPU and loaded with ctypes:
-the decode step's attention and top-p sampling.
+"""The decode loop's kernels in C, compiled on first use for this CPU and loaded with ctypes: a decode step's
+attention and top-p sampling (decode_kernels.c), and the element-wise work of a Llama layer's step: RMSNorm with
+the residual add, the rotary embedding with the cache writes, SiLU(gate) * up (layer_kernels.c).
 
 Why C: at a decode step each (row, key/value head) pair has a handful of query rows, and torch's batched products
 for matrices that small run far below the memory bandwidth (the attention was a fifth of a SmolLM2 decode step on
-2 cores); top-p sampling over a 49k vocabulary took a dozen torch ops and passes over the logits (a tenth of it).
+2 cores); top-p sampling over a 49k vocabulary took a dozen torch ops and passes over the logits (a tenth of it);
+the element-wise work was a dozen small ops a layer, each paying torch's dispatch.
 The kernels need only a C compiler (`cc`, gcc or clang; no Python headers, no torch build):
-the library is built once per source, compiler and CPU (`-march=native`), in about a second, into
+the library is built once per source, compiler and CPU (`-march=native`), in about two seconds, into
 `$DUALIGN_NATIVE_CACHE` (default: ~/.cache/dualign/native), and loaded into the process. OpenMP comes from the
-libgomp torch already loaded, so the kernel shares torch's threads.
+libgomp torch already loaded, so the kernels share torch's threads.
 
 Where they cannot be built (no compiler, another OS) the decode loop keeps its torch code, after one log line
 saying why. `DUALIGN_NATIVE=0` turns them off.
@@ -29,25 +31,35 @@ import torch
 from filelock import FileLock
 
 log = logging.getLogger("dualign")
-SOURCE = Path(__file__).with_name("decode_kernels.c")
+SOURCES = [Path(__file__).with_name(name) for name in ("decode_kernels.c", "layer_kernels.c")]
+HEADERS = [Path(__file__).with_name("bfloat16.h")]
 COMPILE_FLAGS = ["-O3", "-ffast-math", "-fopenmp", "-fPIC"]
 TYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 
 
+POINTER, INT, FLOAT, THREADS = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+SIGNATURES = {  # the C functions (one per type: name_float32, name_bfloat16) and their arguments
+    "attend": [POINTER] * 6 + [INT] * 7 + [THREADS],
+    "top_p_sample": [POINTER, INT, INT, FLOAT, FLOAT, POINTER, INT, POINTER, THREADS],
+    "add_rms_norm": [POINTER] * 4 + [INT, INT, FLOAT, THREADS],
+    "rotary_cache": [POINTER] * 7 + [INT] * 6 + [THREADS],
+    "silu_mul": [POINTER, POINTER, INT, INT, THREADS],
+}
+
+
 class Kernels:
-    """The compiled library's two functions for float32 and bfloat16 CPU tensors."""
+    """The compiled library's functions for float32 and bfloat16 CPU tensors."""
 
     def __init__(self, library: ctypes.CDLL):
-        self.attention, self.sampling = {}, {}
-        for dtype, name in TYPES.items():
-            attend = getattr(library, f"attend_{name}")
-            attend.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 7 + [ctypes.c_int]
-            attend.restype = None
-            sample = getattr(library, f"top_p_sample_{name}")
-            sample.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_float,
-                               ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
-            sample.restype = None
-            self.attention[dtype], self.sampling[dtype] = attend, sample
+        self.functions: dict[str, dict[torch.dtype, ctypes._CFuncPtr]] = {}
+        for name, arguments in SIGNATURES.items():
+            self.functions[name] = {}
+            for dtype, type_name in TYPES.items():
+                function = getattr(library, f"{name}_{type_name}")
+                function.argtypes = arguments
+                function.restype = ctypes.c_int if name == "attend" else None  # attend: 1 for bad begin/source
+                self.functions[name][dtype] = function
+        self.attention, self.sampling = self.functions["attend"], self.functions["top_p_sample"]
         self.vector_path = bool(library.vector_path())
 
     def attend(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, begin: torch.Tensor,
@@ -67,16 +79,15 @@ class Kernels:
                 t.dtype != torch.int64 or t.shape != (rows,) for t in (begin, source)):
             raise ValueError(f"decode attention: end {end} outside (0, {length}], shared {shared} outside [0, end], "
                              f"or begin / source not int64 [{rows}]")
-        if bool((begin >= end).any()) or bool(((source < 0) | (source >= rows)).any()):
-            raise ValueError("decode attention: a row with no position to attend, or a source row out of range")
-        tensors = (queries, keys, values, begin, source)
-        if not all(t.is_contiguous() and t.device.type == "cpu" for t in tensors) or \
-                not queries.dtype == keys.dtype == values.dtype or queries.dtype not in self.attention:
-            raise ValueError("decode attention: contiguous CPU tensors of one dtype (float32 or bfloat16) expected")
         out = torch.empty_like(queries) if out is None else out
-        self.attention[queries.dtype](queries.data_ptr(), keys.data_ptr(), values.data_ptr(), begin.data_ptr(),
-                                      source.data_ptr(), out.data_ptr(), rows, kv_heads, group, length, shared, end,
-                                      dim, torch.get_num_threads())
+        tensors = (queries, keys, values, begin, source, out)
+        if not all(t.is_contiguous() and t.device.type == "cpu" for t in tensors) or out.shape != queries.shape or \
+                not queries.dtype == keys.dtype == values.dtype == out.dtype or queries.dtype not in self.attention:
+            raise ValueError("decode attention: contiguous CPU tensors of one dtype (float32 or bfloat16) expected")
+        if self.attention[queries.dtype](queries.data_ptr(), keys.data_ptr(), values.data_ptr(), begin.data_ptr(),
+                                         source.data_ptr(), out.data_ptr(), rows, kv_heads, group, length, shared,
+                                         end, dim, torch.get_num_threads()):
+            raise ValueError("decode attention: a row with no position to attend, or a source row out of range")
         return out
 
     def top_p_sample(self, logits: torch.Tensor, temperature: float, top_p: float, tries: int = 16) -> torch.Tensor:
@@ -100,6 +111,51 @@ class Kernels:
                 rows = rows[drawn < 0]
             if len(rows) == 0:
                 return tokens
+
+    # the element-wise work of a layer's step (layer_kernels.c); contiguous tensors of one dtype, as LlamaSteps
+    # passes them
+
+    def add_rms_norm(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                     epsilon: float) -> torch.Tensor:
+        """x += delta in place (unless None), then weight * RMSNorm(x) as transformers' LlamaRMSNorm."""
+        _check("add_rms_norm", x, weight, *(() if delta is None else (delta,)))
+        out = torch.empty_like(x)
+        width = x.shape[-1]
+        self.functions["add_rms_norm"][x.dtype](x.data_ptr(), None if delta is None else delta.data_ptr(),
+                                                weight.data_ptr(), out.data_ptr(), x.numel() // width, width,
+                                                epsilon, torch.get_num_threads())
+        return out
+
+    def rotary_cache(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position: torch.Tensor,
+                     keys: torch.Tensor, values: torch.Tensor, slot: int, heads: int) -> torch.Tensor:
+        """A decode step's queries [rows, heads, dim], rotated; writes position `slot` of keys (rotated) and values
+        [rows, kv_heads, length, dim]. qkv: [rows, heads + 2 kv_heads, dim]; cos, sin: [positions, dim] tables."""
+        rows, kv_heads, length, dim = keys.shape
+        _check("rotary_cache", qkv, cos, sin, keys, values)
+        if qkv.shape != (rows, heads + 2 * kv_heads, dim) or not 0 <= slot < length or position.dtype != torch.int64:
+            raise ValueError(f"rotary_cache: qkv {tuple(qkv.shape)} does not match keys {tuple(keys.shape)} and "
+                             f"{heads} heads, or slot {slot} is outside the cache")
+        queries = qkv.new_empty(rows, heads, dim)
+        self.functions["rotary_cache"][qkv.dtype](
+            qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), position.contiguous().data_ptr(), queries.data_ptr(),
+            keys.data_ptr(), values.data_ptr(), rows, heads, kv_heads, dim, length, slot, torch.get_num_threads())
+        return queries
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """SiLU(gate) * up for gate_up [..., 2 width] (gate first)."""
+        _check("silu_mul", gate_up)
+        width = gate_up.shape[-1] // 2
+        out = gate_up.new_empty(*gate_up.shape[:-1], width)
+        self.functions["silu_mul"][gate_up.dtype](gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * width),
+                                                  width, torch.get_num_threads())
+        return out
+
+
+def _check(name: str, *tensors: torch.Tensor) -> None:
+    first = tensors[0]
+    if first.dtype not in TYPES or not all(
+            t.dtype == first.dtype and t.is_contiguous() and t.device.type == "cpu" for t in tensors):
+        raise ValueError(f"{name}: contiguous CPU tensors of one dtype (float32 or bfloat16) expected")
 
 
 @functools.lru_cache(maxsize=None)
@@ -126,7 +182,8 @@ def _build(variant: str = "native") -> Path:
         raise RuntimeError(f"needs Linux and a C compiler (found {platform.system()}, compiler {compiler})")
     flags = COMPILE_FLAGS + VARIANTS[variant]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, version, " ".join(flags), _cpu_flags(),
+    texts = [path.read_text() for path in SOURCES + HEADERS]
+    key = hashlib.sha256("\n".join([*texts, compiler, version, " ".join(flags), _cpu_flags(),
                                     platform.machine()]).encode()).hexdigest()[:16]
     folder = Path(os.environ.get("DUALIGN_NATIVE_CACHE") or Path.home() / ".cache/dualign/native")
     library = folder / f"decode_kernels-{key}.so"
@@ -137,14 +194,15 @@ def _build(variant: str = "native") -> Path:
         if library.exists():
             return library
         with tempfile.TemporaryDirectory(dir=folder) as staging:
-            objects = Path(staging) / "decode_kernels.o"
-            _run([compiler, *flags, "-c", str(SOURCE), "-o", str(objects)])
+            objects = [str(Path(staging) / source.with_suffix(".o").name) for source in SOURCES]
+            for source, target in zip(SOURCES, objects):
+                _run([compiler, *flags, f"-I{source.parent}", "-c", str(source), "-o", target])
             built = Path(staging) / library.name
             # linked without -ffast-math, which would link crtfastmath.o: flushing denormals process-wide
             try:  # glibc's vector math (libmvec) serves the vectorised expf on x86-64
-                _run([compiler, "-shared", "-fopenmp", str(objects), "-o", str(built), "-lmvec", "-lm"])
+                _run([compiler, "-shared", "-fopenmp", *objects, "-o", str(built), "-lmvec", "-lm"])
             except RuntimeError:
-                _run([compiler, "-shared", "-fopenmp", str(objects), "-o", str(built), "-lm"])
+                _run([compiler, "-shared", "-fopenmp", *objects, "-o", str(built), "-lm"])
             os.replace(built, library)
     return library
 
