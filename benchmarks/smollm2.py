@@ -2,7 +2,8 @@
 
 1. rollouts: dualign's decode loop (generation.backend=fast) against transformers' own batched `generate`, and both
    against the matmul bound of the same process (2 x parameters FLOPs per token at the GEMM rate measured here, in
-   the same precision);
+   the same precision) and the weight-read bound (a step reads every weight once for the batch's rows: batch x the
+   rate of reading a buffer the size of the weights, measured here, over their bytes);
 2. the DPO step with LoRA r 8 on q, k, v, o: dualign's (AlignmentModule + DPOStep under Lightning) against TRL's
    DPOTrainer with the same peft config, pairs, batch and optimiser, in pairs per second.
 
@@ -46,6 +47,19 @@ def gemm_rate(dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
+def read_rate(nbytes: int, repeats: int = 5) -> float:
+    """Bytes per second of one pass over a buffer of nbytes (a float32 sum: reads only; a bf16 sum would be bound by
+    its conversions, not the memory), the best of `repeats`."""
+    buffer = torch.ones(nbytes // 4, dtype=torch.float32)
+    buffer.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        buffer.sum()
+        best = min(best, time.perf_counter() - start)
+    return buffer.numel() * buffer.element_size() / best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--prompts", type=int, default=16)
@@ -80,6 +94,8 @@ def bench_rollouts(cfg, tokenizer, args) -> None:
         model = load_causal_lm(cfg).to(dtype).eval()
         params = sum(p.numel() for p in model.parameters())
         bound = gemm_rate(dtype) / (2 * params)  # tokens/s if every FLOP ran at the GEMM rate
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        read_bound = args.prompts * args.samples * read_rate(weight_bytes) / weight_bytes  # tokens/s
         for workload in ("full", "natural"):
             best = {}
             for repeat in range(args.repeats):
@@ -94,20 +110,24 @@ def bench_rollouts(cfg, tokenizer, args) -> None:
                         best[backend] = (seconds, tokens)
             for backend, (seconds, tokens) in best.items():
                 rows.append({"dtype": dtype_name, "workload": workload, "backend": backend, "seconds": seconds,
-                             "tokens": tokens, "tokens_per_s": tokens / seconds, "bound_tokens_per_s": bound})
+                             "tokens": tokens, "tokens_per_s": tokens / seconds, "bound_tokens_per_s": bound,
+                             "read_bound_tokens_per_s": read_bound})
             hf, fast = (best[b][1] / best[b][0] for b in ("hf", "fast"))
             print(f"{dtype_name:9s} {workload:8s} generate {hf:7.1f} tok/s  fast {fast:7.1f} tok/s  ratio {fast / hf:5.2f}x  "
-                  f"matmul bound {bound:7.1f} tok/s (fast at {fast / bound:5.1%}, generate at {hf / bound:5.1%})", flush=True)
+                  f"matmul bound {bound:7.1f} tok/s (fast at {fast / bound:5.1%}, generate at {hf / bound:5.1%})  "
+                  f"weight-read bound {read_bound:7.1f} tok/s (fast at {fast / read_bound:5.1%})", flush=True)
     print(f"\nSmolLM2-135M-Instruct, {args.prompts} prompts x {args.samples} samples = {args.prompts * args.samples} "
           f"sequences, {args.new_tokens} new tokens, top-p {args.top_p}, {torch.get_num_threads()} threads")
-    print("| precision | workload | transformers generate (tok/s) | dualign fast (tok/s) | ratio | fast / matmul bound |")
-    print("|---|---|---|---|---|---|")
+    print("| precision | workload | transformers generate (tok/s) | dualign fast (tok/s) | ratio | fast / matmul bound "
+          "| fast / weight-read bound |")
+    print("|---|---|---|---|---|---|---|")
     for dtype_name in args.dtypes.split(","):
         for workload in ("full", "natural"):
             hf, fast = (next(r for r in rows if r["dtype"] == dtype_name and r["workload"] == workload and r["backend"] == b)
                         for b in ("hf", "fast"))
             print(f"| {dtype_name} | {workload} | {hf['tokens_per_s']:.1f} | {fast['tokens_per_s']:.1f} | "
-                  f"{fast['tokens_per_s'] / hf['tokens_per_s']:.2f}x | {fast['tokens_per_s'] / fast['bound_tokens_per_s']:.1%} |")
+                  f"{fast['tokens_per_s'] / hf['tokens_per_s']:.2f}x | {fast['tokens_per_s'] / fast['bound_tokens_per_s']:.1%} | "
+                  f"{fast['tokens_per_s'] / fast['read_bound_tokens_per_s']:.1%} |")
 
 
 def bench_dpo(cfg, tokenizer, args) -> None:
