@@ -89,15 +89,27 @@ def test_layer_kernels_match_the_torch_ops_they_replace(library, dtype):
     torch.testing.assert_close(kernels.silu_mul(gate_up), torch.nn.functional.silu(gate) * up, **exact)
 
 
-def test_attention_rejects_inconsistent_inputs():
+def test_kernels_reject_inconsistent_inputs():
+    """Out-of-range indices are caught in C before anything is read or written; shapes and types in Python."""
     kernels = LIBRARIES["native"]
     queries, keys = torch.zeros(2, 1, 3, 64), torch.zeros(2, 1, 8, 64)
     with pytest.raises(ValueError, match="no position to attend"):
         kernels.attend(queries, keys, keys, torch.tensor([0, 5]), 5)
+    with pytest.raises(ValueError, match="source row out of range"):
+        kernels.attend(queries, keys, keys, torch.tensor([0, 0]), 5, torch.tensor([0, 2]), 3)
     with pytest.raises(ValueError, match="do not match"):
         kernels.attend(queries, keys, keys[:, :, :, :32], torch.tensor([0, 0]), 5)
     with pytest.raises(ValueError, match="one dtype"):
         kernels.attend(queries.double(), keys.double(), keys.double(), torch.tensor([0, 0]), 5)
+    qkv, table = torch.zeros(2, 5, 64), torch.zeros(10, 64)
+    with pytest.raises(ValueError, match="outside the rotary table"):
+        kernels.rotary_cache(qkv, table, table, torch.tensor([3, 10]), keys, keys.clone(), 2, heads=3)
+    with pytest.raises(ValueError, match="do not match"):
+        kernels.rotary_cache(qkv, table, table, torch.tensor([3, 4]), keys, keys.clone(), 2, heads=2)
+    with pytest.raises(ValueError, match="does not match"):
+        kernels.add_rms_norm(torch.zeros(2, 64), None, torch.zeros(32), 1e-5)
+    with pytest.raises(ValueError, match="top_p in"):
+        kernels.top_p_sample(torch.zeros(2, 10), 1.0, 0.0)
 
 
 @pytest.mark.parametrize("library", LIBRARIES)

@@ -39,8 +39,9 @@ ADD_RMS_NORM(bfloat16, uint16_t, LOAD_BFLOAT16, STORE_BFLOAT16)
 
 /* One decode step's rotary embedding and cache writes. qkv: [rows, heads + 2 kv_heads, dim] (the fused
    projection of one token a row); cos, sin: [positions, dim] tables (sin with rotate_half's sign folded in);
-   position: [rows] int64. Writes queries [rows, heads, dim] (rotated), and position `slot` of keys (rotated) and
-   values, [rows, kv_heads, length, dim]. Rounds as transformers' x * cos + rotate_half(x) * sin does in torch. */
+   position: [rows] int64, below `positions` (the tables' rows). Writes queries [rows, heads, dim] (rotated), and
+   position `slot` of keys (rotated) and values, [rows, kv_heads, length, dim]. Rounds as transformers'
+   x * cos + rotate_half(x) * sin does in torch. Returns 1 (nothing written) for a position past the tables. */
 #define ROTARY_CACHE(TYPE, T, LOAD, STORE)                                                                    \
     static inline void rotate_##TYPE(const T* x, const T* cos, const T* sin, T* out, int64_t dim) {           \
         const int64_t half = dim / 2;                                                                         \
@@ -49,9 +50,11 @@ ADD_RMS_NORM(bfloat16, uint16_t, LOAD_BFLOAT16, STORE_BFLOAT16)
             out[d] = STORE(turned + LOAD(x[d]) * LOAD(cos[d]));                                               \
         }                                                                                                     \
     }                                                                                                         \
-    void rotary_cache_##TYPE(const T* qkv, const T* cos, const T* sin, const int64_t* position, T* queries,  \
-                             T* keys, T* values, int64_t rows, int64_t heads, int64_t kv_heads, int64_t dim,  \
-                             int64_t length, int64_t slot, int threads) {                                     \
+    int rotary_cache_##TYPE(const T* qkv, const T* cos, const T* sin, const int64_t* position, T* queries,   \
+                            T* keys, T* values, int64_t rows, int64_t heads, int64_t kv_heads, int64_t dim,   \
+                            int64_t length, int64_t slot, int64_t positions, int threads) {                   \
+        for (int64_t row = 0; row < rows; ++row) /* 1: a position past the tables */                          \
+            if (position[row] < 0 || position[row] >= positions) return 1;                                    \
         _Pragma("omp parallel for num_threads(threads) schedule(static)") for (int64_t row = 0; row < rows; ++row) { \
             const T* x = qkv + row * (heads + 2 * kv_heads) * dim;                                            \
             const T *c = cos + position[row] * dim, *s = sin + position[row] * dim;                           \
@@ -62,6 +65,7 @@ ADD_RMS_NORM(bfloat16, uint16_t, LOAD_BFLOAT16, STORE_BFLOAT16)
                 memcpy(values + at, x + (heads + kv_heads + h) * dim, sizeof(T) * (size_t)dim);               \
             }                                                                                                 \
         }                                                                                                     \
+        return 0;                                                                                             \
     }
 ROTARY_CACHE(float32, float, LOAD_FLOAT32, STORE_FLOAT32)
 ROTARY_CACHE(bfloat16, uint16_t, LOAD_BFLOAT16, STORE_BFLOAT16)

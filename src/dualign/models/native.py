@@ -42,7 +42,7 @@ SIGNATURES = {  # the C functions (one per type: name_float32, name_bfloat16) an
     "attend": [POINTER] * 6 + [INT] * 7 + [THREADS],
     "top_p_sample": [POINTER, INT, INT, FLOAT, FLOAT, POINTER, INT, POINTER, THREADS],
     "add_rms_norm": [POINTER] * 4 + [INT, INT, FLOAT, THREADS],
-    "rotary_cache": [POINTER] * 7 + [INT] * 6 + [THREADS],
+    "rotary_cache": [POINTER] * 7 + [INT] * 7 + [THREADS],
     "silu_mul": [POINTER, POINTER, INT, INT, THREADS],
 }
 
@@ -57,7 +57,8 @@ class Kernels:
             for dtype, type_name in TYPES.items():
                 function = getattr(library, f"{name}_{type_name}")
                 function.argtypes = arguments
-                function.restype = ctypes.c_int if name == "attend" else None  # attend: 1 for bad begin/source
+                # attend and rotary_cache return 1 for an index out of range (begin, source, position)
+                function.restype = ctypes.c_int if name in ("attend", "rotary_cache") else None
                 self.functions[name][dtype] = function
         self.attention, self.sampling = self.functions["attend"], self.functions["top_p_sample"]
         self.vector_path = bool(library.vector_path())
@@ -95,8 +96,11 @@ class Kernels:
         restricted to its top-p nucleus; models/decode.top_p_sample's definition and method. The uniforms come from
         torch's generator; rows whose `tries` draws all fell outside the nucleus draw again."""
         logits = logits.contiguous()
-        tokens = torch.empty(logits.shape[0], dtype=torch.int64)
-        rows = None  # the rows still drawing; None: all of them
+        _check("top_p_sample", logits)
+        if logits.dim() != 2 or not temperature > 0 or not 0 < top_p <= 1:
+            raise ValueError(f"top_p_sample: logits [n, V] (got {tuple(logits.shape)}), temperature > 0 (got "
+                             f"{temperature}) and top_p in (0, 1] (got {top_p}) expected")
+        tokens = rows = None  # rows: those still drawing; None: all of them
         while True:
             chunk = logits if rows is None else logits[rows]
             uniforms = torch.rand(chunk.shape[0], tries)
@@ -119,8 +123,11 @@ class Kernels:
                      epsilon: float) -> torch.Tensor:
         """x += delta in place (unless None), then weight * RMSNorm(x) as transformers' LlamaRMSNorm."""
         _check("add_rms_norm", x, weight, *(() if delta is None else (delta,)))
-        out = torch.empty_like(x)
         width = x.shape[-1]
+        if weight.shape != (width,) or (delta is not None and delta.shape != x.shape):
+            raise ValueError(f"add_rms_norm: weight {tuple(weight.shape)} or delta "
+                             f"{None if delta is None else tuple(delta.shape)} does not match x {tuple(x.shape)}")
+        out = torch.empty_like(x)
         self.functions["add_rms_norm"][x.dtype](x.data_ptr(), None if delta is None else delta.data_ptr(),
                                                 weight.data_ptr(), out.data_ptr(), x.numel() // width, width,
                                                 epsilon, torch.get_num_threads())
@@ -132,13 +139,18 @@ class Kernels:
         [rows, kv_heads, length, dim]. qkv: [rows, heads + 2 kv_heads, dim]; cos, sin: [positions, dim] tables."""
         rows, kv_heads, length, dim = keys.shape
         _check("rotary_cache", qkv, cos, sin, keys, values)
-        if qkv.shape != (rows, heads + 2 * kv_heads, dim) or not 0 <= slot < length or position.dtype != torch.int64:
-            raise ValueError(f"rotary_cache: qkv {tuple(qkv.shape)} does not match keys {tuple(keys.shape)} and "
-                             f"{heads} heads, or slot {slot} is outside the cache")
+        if qkv.shape != (rows, heads + 2 * kv_heads, dim) or values.shape != keys.shape or cos.shape != sin.shape \
+                or cos.shape[1:] != (dim,) or not 0 <= slot < length or position.shape != (rows,) \
+                or position.dtype != torch.int64:
+            raise ValueError(f"rotary_cache: qkv {tuple(qkv.shape)}, cos/sin {tuple(cos.shape)}, position "
+                             f"{tuple(position.shape)} do not match keys {tuple(keys.shape)} and {heads} heads, or "
+                             f"slot {slot} is outside the cache")
         queries = qkv.new_empty(rows, heads, dim)
-        self.functions["rotary_cache"][qkv.dtype](
-            qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), position.contiguous().data_ptr(), queries.data_ptr(),
-            keys.data_ptr(), values.data_ptr(), rows, heads, kv_heads, dim, length, slot, torch.get_num_threads())
+        if self.functions["rotary_cache"][qkv.dtype](
+                qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), position.contiguous().data_ptr(), queries.data_ptr(),
+                keys.data_ptr(), values.data_ptr(), rows, heads, kv_heads, dim, length, slot, cos.shape[0],
+                torch.get_num_threads()):
+            raise ValueError(f"rotary_cache: a position outside the rotary table's {cos.shape[0]} rows")
         return queries
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
