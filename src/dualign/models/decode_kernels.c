@@ -163,8 +163,36 @@ static inline __m512 dot_bfloat16(const uint16_t* q, const uint16_t* k, int64_t 
 SCORES(scores_float32, float, dot_float32)
 SCORES(scores_bfloat16, uint16_t, dot_bfloat16)
 
-/* One (row, kv head) pair: GROUP is a constant at each call site (see the dispatch), so the accumulators are
-   registers. Positions below `shared` are read from the pair's source (`shared_keys`, `shared_values`). */
+/* out[h] = the weighted sum of values over [first, end) with the weights scores[h] / their total, in float32 FMAs:
+   BLOCK x GROUP accumulators, 64 dimensions a pass. GROUP is a constant at each call site (see the dispatch), so the
+   accumulators are registers. */
+#define VALUES_FMA(TYPE, T, LOAD, STORE)                                                                       \
+    static inline __attribute__((always_inline)) void values_fma_##TYPE(                                       \
+        const T* values, const T* shared_values, T* out, int64_t first, int64_t shared, int64_t end, int64_t dim, \
+        const int GROUP, const float* scores, int64_t stride, const float* inverse_totals) {                   \
+        for (int64_t c = 0; c < dim; c += 16 * BLOCK) {                                                        \
+            __m512 acc[BLOCK][MAX_GROUP];                                                                      \
+            for (int b = 0; b < BLOCK; ++b)                                                                    \
+                for (int h = 0; h < GROUP; ++h) acc[b][h] = _mm512_setzero_ps();                               \
+            for (int64_t l = first; l < end; ++l) {                                                           \
+                const T* v = (l < shared ? shared_values : values) + l * dim + c;                             \
+                __m512 p[MAX_GROUP];                                                                           \
+                for (int h = 0; h < GROUP; ++h) p[h] = _mm512_set1_ps(scores[h * stride + l - first]);         \
+                for (int b = 0; b < BLOCK; ++b) {                                                              \
+                    const __m512 vb = LOAD(v + 16 * b);                                                        \
+                    for (int h = 0; h < GROUP; ++h) acc[b][h] = _mm512_fmadd_ps(p[h], vb, acc[b][h]);         \
+                }                                                                                              \
+            }                                                                                                  \
+            for (int b = 0; b < BLOCK; ++b)                                                                    \
+                for (int h = 0; h < GROUP; ++h)                                                                \
+                    STORE(out + h * dim + c + 16 * b, _mm512_mul_ps(acc[b][h], _mm512_set1_ps(inverse_totals[h]))); \
+        }                                                                                                      \
+    }
+VALUES_FMA(float32, float, _mm512_loadu_ps, _mm512_storeu_ps)
+VALUES_FMA(bfloat16, uint16_t, load_bfloat16, store_bfloat16)
+
+/* One (row, kv head) pair. Positions below `shared` are read from the pair's source (`shared_keys`,
+   `shared_values`). */
 static inline __attribute__((always_inline)) void pair_vector_float32(
     const float* q, const float* keys, const float* values, const float* shared_keys, const float* shared_values,
     float* out, int64_t first, int64_t shared, int64_t end, int64_t dim, const int GROUP, float* scores,
@@ -173,24 +201,7 @@ static inline __attribute__((always_inline)) void pair_vector_float32(
     float inverse_totals[MAX_GROUP];
     scores_float32(q, keys, shared_keys, values, shared_values, first, shared, end, dim, GROUP, scores, stride,
                    inverse_totals);
-    for (int64_t c = 0; c < dim; c += 16 * BLOCK) { /* 64 dimensions at a time: BLOCK x GROUP sums */
-        __m512 acc[BLOCK][MAX_GROUP];
-        for (int b = 0; b < BLOCK; ++b)
-            for (int h = 0; h < GROUP; ++h) acc[b][h] = _mm512_setzero_ps();
-        for (int64_t l = first; l < end; ++l) {
-            const float* v = (l < shared ? shared_values : values) + l * dim + c;
-            __m512 p[MAX_GROUP];
-            for (int h = 0; h < GROUP; ++h) p[h] = _mm512_set1_ps(scores[h * stride + l - first]);
-            for (int b = 0; b < BLOCK; ++b) {
-                const __m512 vb = _mm512_loadu_ps(v + 16 * b);
-                for (int h = 0; h < GROUP; ++h) acc[b][h] = _mm512_fmadd_ps(p[h], vb, acc[b][h]);
-            }
-        }
-        for (int b = 0; b < BLOCK; ++b)
-            for (int h = 0; h < GROUP; ++h)
-                _mm512_storeu_ps(out + h * dim + c + 16 * b,
-                                 _mm512_mul_ps(acc[b][h], _mm512_set1_ps(inverse_totals[h])));
-    }
+    values_fma_float32(values, shared_values, out, first, shared, end, dim, GROUP, scores, stride, inverse_totals);
 }
 
 #if defined(__AVX512BF16__)
@@ -247,23 +258,7 @@ static inline __attribute__((always_inline)) void pair_vector_bfloat16(
     float inverse_totals[MAX_GROUP];
     scores_bfloat16(q, keys, shared_keys, values, shared_values, first, shared, end, dim, GROUP, scores, stride,
                     inverse_totals);
-    for (int64_t c = 0; c < dim; c += 16 * BLOCK) {
-        __m512 acc[BLOCK][MAX_GROUP];
-        for (int b = 0; b < BLOCK; ++b)
-            for (int h = 0; h < GROUP; ++h) acc[b][h] = _mm512_setzero_ps();
-        for (int64_t l = first; l < end; ++l) {
-            const uint16_t* v = (l < shared ? shared_values : values) + l * dim + c;
-            __m512 p[MAX_GROUP];
-            for (int h = 0; h < GROUP; ++h) p[h] = _mm512_set1_ps(scores[h * stride + l - first]);
-            for (int b = 0; b < BLOCK; ++b) {
-                const __m512 vb = load_bfloat16(v + 16 * b);
-                for (int h = 0; h < GROUP; ++h) acc[b][h] = _mm512_fmadd_ps(p[h], vb, acc[b][h]);
-            }
-        }
-        for (int b = 0; b < BLOCK; ++b)
-            for (int h = 0; h < GROUP; ++h)
-                store_bfloat16(out + h * dim + c + 16 * b, _mm512_mul_ps(acc[b][h], _mm512_set1_ps(inverse_totals[h])));
-    }
+    values_fma_bfloat16(values, shared_values, out, first, shared, end, dim, GROUP, scores, stride, inverse_totals);
 }
 #endif
 #else
