@@ -337,8 +337,6 @@ PAIR_PORTABLE(pair_portable_bfloat16, uint16_t, LOAD_BFLOAT16, STORE_BFLOAT16)
 ATTEND(float32, float)
 ATTEND(bfloat16, uint16_t)
 
-/* 1 where the AVX-512 path was compiled in */
-int vector_path(void) { return VECTOR_PATH; }
 
 /* ---- top-p sampling ------------------------------------------------------------------------------------------------
 

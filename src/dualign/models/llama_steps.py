@@ -8,18 +8,17 @@ matrix products and a few element-wise ops a layer:
 - LoRA adapters (peft) are folded into those weights once a decode call (a module is linear in its input, so its
   effective weight is what it gives for the identity); an adapter-disabled view gives the base weights;
 - the KV cache is preallocated for prompt + new tokens and written in place;
-- on a CPU a decode step runs on C kernels between the matrix products (models/native.py, `_native_layer`): the
-  attention is one pass over each row's written cache per key/value head, for all its query heads, reading a
-  prompt once for its K samples; RMSNorm (with the residual add), the rotary embedding with the cache writes,
-  and SiLU(gate) * up are one pass each;
+- on a CPU, for SiLU models, a decode step runs on C kernels between the matrix products (models/native.py,
+  `_native_layer`): the attention is one pass over each row's written cache per key/value head, for all its query
+  heads, reading a prompt once for its K samples; RMSNorm (with the residual add), the rotary embedding with the
+  cache writes, and SiLU(gate) * up are one pass each;
 - the prefill, and a step where the kernels cannot be built, is torch (`_layer`): attention as two batched matrix
   products per key/value head without repeating the keys, RMSNorm as torch's fused `rms_norm` (in float32 and cast
   back as transformers'), the model's own activation module;
 - the rotary embedding's cos and sin come from a table computed once by the model's own rotary module.
 
-Anything else (another architecture, a sliding window, a
-position-dependent RoPE, q/k norms) is not supported: `LlamaSteps.supports` says so, and the decode loop then runs
-the model's own forward.
+Anything else (another architecture, a sliding window, a position-dependent RoPE, q/k norms) is not supported:
+`LlamaSteps.supports` says so, and the decode loop then runs the model's own forward.
 """
 from __future__ import annotations
 
@@ -69,7 +68,7 @@ class LlamaSteps:
 
     @torch.no_grad()
     def __init__(self, model, rows_hint: int = 64, native: bool = True):
-        """native=False: a decode step's attention in torch too (the C kernel's reference in the tests)."""
+        """native=False: decode steps in torch too (the C kernels' reference in the tests)."""
         wrapper, base, adapters_on = unwrap(model)
         inner, config = base.model, base.config
         self.embed, self.norm = inner.embed_tokens, inner.norm
@@ -85,8 +84,8 @@ class LlamaSteps:
         self.cos = self.sin = torch.empty(0, self.head_dim, dtype=self.dtype, device=self.device)
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
-        self.native = kernels() if native and self.device.type == "cpu" and self.dtype in TYPES else None
-        self.silu = getattr(config, "hidden_act", None) in ("silu", "swish")  # the element-wise kernel's activation
+        silu = getattr(config, "hidden_act", None) in ("silu", "swish")  # the element-wise kernel's activation
+        self.native = kernels() if native and silu and self.device.type == "cpu" and self.dtype in TYPES else None
 
     def _effective(self, module, width: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight [in, out], bias or None) of a module linear in its input, adapters included."""
@@ -190,7 +189,7 @@ class LlamaSteps:
             raise ValueError(f"the cache holds {self.length} positions; {start + width} asked")
         self._reveal(start, start + width)  # the positions this call writes, for it (a step) and the steps after it
         x = self.embed(input_ids)
-        if width == 1 and self.use_native and self.silu:
+        if width == 1 and self.use_native:
             for index, layer in enumerate(self.layers):
                 x = self._native_layer(index, layer, x, positions[:, 0], start)
         else:
@@ -221,17 +220,15 @@ class LlamaSteps:
         group, end = heads // kv_heads, start + width
         qkv = layer["qkv"](_rms_norm(x, layer["input_norm"])).view(rows, width, heads + 2 * kv_heads, head_dim)
         rotated = _rotate(qkv[:, :, : heads + kv_heads], cos, sin)  # queries and keys in one pass
-        keys, values = self.keys[index], self.values[index]
-        keys[:, :, start:end] = rotated[:, :, heads:].transpose(1, 2)
-        values[:, :, start:end] = qkv[:, :, heads + kv_heads :].transpose(1, 2)
-        # heads g*group .. g*group + group - 1 share key/value head g (transformers' repeat_kv order). The score
-        # scaling is folded into the query weights.
-        # the whole preallocated cache takes part, unwritten positions masked: a view of the first `end` positions
-        # is not contiguous, and bf16 batched products copy it
+        self.keys[index][:, :, start:end] = rotated[:, :, heads:].transpose(1, 2)
+        self.values[index][:, :, start:end] = qkv[:, :, heads + kv_heads :].transpose(1, 2)
+        # heads g*group .. g*group + group - 1 share key/value head g (transformers' repeat_kv order); the whole
+        # preallocated cache takes part, unwritten positions masked: a view of the first `end` positions is not
+        # contiguous, and bf16 batched products copy it. The score scaling is folded into the query weights.
         queries = rotated[:, :, :heads].transpose(1, 2).reshape(rows, kv_heads, group * width, head_dim)
-        scores = queries @ keys.transpose(-1, -2)
+        scores = queries @ self.keys[index].transpose(-1, -2)
         scores = scores.view(rows, kv_heads, group, width, self.length).add_(bias).softmax(-1)
-        attended = scores.view(rows, kv_heads, group * width, self.length) @ values
+        attended = scores.view(rows, kv_heads, group * width, self.length) @ self.values[index]
         attended = attended.view(rows, heads, width, head_dim).transpose(1, 2).reshape(rows, width, heads * head_dim)
         x = x + layer["o"](attended)
         gate, up = layer["gate_up"](_rms_norm(x, layer["post_norm"])).chunk(2, dim=-1)

@@ -60,8 +60,6 @@ class Kernels:
                 # attend and rotary_cache return 1 for an index out of range (begin, source, position)
                 function.restype = ctypes.c_int if name in ("attend", "rotary_cache") else None
                 self.functions[name][dtype] = function
-        self.attention, self.sampling = self.functions["attend"], self.functions["top_p_sample"]
-        self.vector_path = bool(library.vector_path())
 
     def attend(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, begin: torch.Tensor,
                end: int, source: torch.Tensor | None = None, shared: int = 0,
@@ -82,12 +80,12 @@ class Kernels:
                              f"or begin / source not int64 [{rows}]")
         out = torch.empty_like(queries) if out is None else out
         tensors = (queries, keys, values, begin, source, out)
-        if not all(t.is_contiguous() and t.device.type == "cpu" for t in tensors) or out.shape != queries.shape or \
-                not queries.dtype == keys.dtype == values.dtype == out.dtype or queries.dtype not in self.attention:
+        if not all(t.is_contiguous() and t.device.type == "cpu" for t in tensors) or out.shape != queries.shape \
+                or not queries.dtype == keys.dtype == values.dtype == out.dtype or queries.dtype not in TYPES:
             raise ValueError("decode attention: contiguous CPU tensors of one dtype (float32 or bfloat16) expected")
-        if self.attention[queries.dtype](queries.data_ptr(), keys.data_ptr(), values.data_ptr(), begin.data_ptr(),
-                                         source.data_ptr(), out.data_ptr(), rows, kv_heads, group, length, shared,
-                                         end, dim, torch.get_num_threads()):
+        if self.functions["attend"][queries.dtype](
+                queries.data_ptr(), keys.data_ptr(), values.data_ptr(), begin.data_ptr(), source.data_ptr(),
+                out.data_ptr(), rows, kv_heads, group, length, shared, end, dim, torch.get_num_threads()):
             raise ValueError("decode attention: a row with no position to attend, or a source row out of range")
         return out
 
@@ -105,8 +103,9 @@ class Kernels:
             chunk = logits if rows is None else logits[rows]
             uniforms = torch.rand(chunk.shape[0], tries)
             drawn = torch.empty(chunk.shape[0], dtype=torch.int64)
-            self.sampling[logits.dtype](chunk.data_ptr(), chunk.shape[0], chunk.shape[1], 1.0 / temperature, top_p,
-                                        uniforms.data_ptr(), tries, drawn.data_ptr(), torch.get_num_threads())
+            self.functions["top_p_sample"][logits.dtype](chunk.data_ptr(), chunk.shape[0], chunk.shape[1],
+                                                         1.0 / temperature, top_p, uniforms.data_ptr(), tries,
+                                                         drawn.data_ptr(), torch.get_num_threads())
             if rows is None:
                 tokens = drawn
                 rows = (drawn < 0).nonzero().squeeze(1)
